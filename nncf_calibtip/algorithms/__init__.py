@@ -1,0 +1,1 @@
+"""Post-training algorithms, one folder each."""

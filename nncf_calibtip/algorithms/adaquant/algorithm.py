@@ -1,0 +1,110 @@
+"""AdaQuant layer-wise calibration as an NNCF post-training algorithm."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import nncf
+import torch
+
+from nncf_calibtip import compat
+from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerReport
+from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
+from nncf_calibtip.calibration.data import count_samples, inference_items, resolve_device
+
+
+class AdaQuant(compat.Algorithm):
+    """AdaQuant (Hubara et al., 2021): per layer, optimise the weights, the bias, the weight
+    scales and the input quantizer's range so that the quantized layer reproduces the FP
+    layer's output on the calibration set.
+
+    Runs on a model NNCF has placed quantizers in (MinMax, then
+    :class:`~nncf_calibtip.placement.PrecisionSetup` for the bit widths). Layers go in
+    execution order; only the layer being optimised holds cached data.
+
+    NNCF's :class:`~nncf.quantization.algorithms.pipeline.Pipeline` does not hand the dataset
+    to ``apply``; pass it here (``AdaQuant(config, dataset)``) when running in a plain NNCF
+    pipeline. :func:`nncf_calibtip.quantize` does this for you.
+
+    :param config: AdaQuant settings.
+    :param dataset: Calibration dataset, used when ``apply`` gets none.
+    """
+
+    def __init__(self, config: AdaQuantConfig | None = None, dataset: nncf.Dataset | None = None) -> None:
+        self.config = config or AdaQuantConfig()
+        self.dataset = dataset
+        self.reports: list[LayerReport] = []
+        self.calibration_seconds = 0.0
+
+    @property
+    def available_backends(self) -> list[compat.BackendType]:
+        return [compat.BackendType.TORCH]
+
+    def _backend(self, model: Any) -> AdaQuantBackend:
+        from nncf_calibtip.algorithms.adaquant.torch_backend import PTAdaQuantBackend
+
+        return PTAdaQuantBackend()
+
+    def get_statistic_points(self, model: Any, graph: compat.NNCFGraph) -> compat.StatisticPointsContainer:
+        # AdaQuant streams the dataset itself, one layer at a time: no statistics to collect.
+        return compat.StatisticPointsContainer()
+
+    def apply(
+        self,
+        model: Any,
+        graph: compat.NNCFGraph,
+        statistic_points: compat.StatisticPointsContainer | None = None,
+        dataset: nncf.Dataset | None = None,
+    ) -> Any:
+        dataset = dataset if dataset is not None else self.dataset
+        if dataset is None:
+            msg = (
+                "AdaQuant needs the calibration dataset: pass it as AdaQuant(config, dataset) or to apply(); "
+                "NNCF's Pipeline does not forward it."
+            )
+            raise ValueError(msg)
+        cfg = self.config
+        items = inference_items(dataset, cfg.subset_size)
+        n = count_samples(items)
+        if n * (1 - cfg.holdout_fraction) < cfg.batch_size:
+            msg = (
+                f"The calibration set has {n} samples; AdaQuant needs at least batch_size={cfg.batch_size} "
+                f"outside the held-out {cfg.holdout_fraction:.0%}. Give more samples or lower batch_size."
+            )
+            raise ValueError(msg)
+        backend = self._backend(model)
+        layers = backend.find_layers(model, graph)
+        if not layers:
+            msg = "AdaQuant found no quantized conv/linear layers: run MinMax (and PrecisionSetup) first."
+            raise ValueError(msg)
+        device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        compat.nncf_logger.info(
+            f"AdaQuant ({cfg.mode}) on {len(layers)} layers, {n} samples, {cfg.iters} steps per layer, {device}"
+        )
+        start = time.perf_counter()
+        session = backend.start(model, device)
+        trained_quantizers: set[str] = set()
+        self.reports = []
+        try:
+            for index, layer in enumerate(compat.track(layers, description=f"AdaQuant {cfg.mode}")):
+                key = layer.input_quantizer_key
+                owns_input = key is not None and key not in trained_quantizers
+                if key is not None:
+                    trained_quantizers.add(key)
+                report = backend.calibrate_layer(session, layer, items, cfg, owns_input, index)
+                self.reports.append(report)
+                compat.nncf_logger.debug(
+                    f"{report.name}: error {report.error_before:.4g} -> {report.error_after:.4g}"
+                    + ("" if report.kept else " (kept round-to-nearest)")
+                )
+        finally:
+            backend.finish(session)
+        self.calibration_seconds = time.perf_counter() - start
+        improved = sum(r.error_after < r.error_before for r in self.reports)
+        compat.nncf_logger.info(
+            f"AdaQuant done in {self.calibration_seconds:.1f} s: {improved}/{len(self.reports)} layers "
+            "closer to FP on held-out samples"
+        )
+        return model

@@ -1,0 +1,92 @@
+"""Settings of AdaQuant layer-wise calibration."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+AdaQuantMode = Literal["parallel", "sequential"]
+
+
+@dataclass(frozen=True)
+class AdaQuantConfig:
+    """AdaQuant: per layer, minimise ``||f(X W + b) - f(Q(X') Q(W + V) + b')||^2`` over the
+    calibration set, where ``f`` is the BatchNorm and activation that follow the layer.
+
+    Learning rates are relative to the tensor they move, so one setting suits layers of any
+    scale: the weight change is in units of the layer's initial quantization step (per output
+    channel), the weight-scale and activation-range changes are fractions of their initial
+    values, the bias change is in units of the layer output's RMS.
+
+    :param mode: ``"sequential"``: a layer's input comes from the already-quantized model
+        (recomputed after every layer, every batch); ``"parallel"``: from the FP model, so
+        layers are independent.
+    :param iters: Adam steps per layer (the reference used 1000).
+    :param batch_size: Samples per step, drawn at random from the cached layer inputs.
+    :param lr_weight: Learning rate of the weight change, in quantization steps.
+    :param lr_bias: Learning rate of the bias change, in units of the output RMS.
+    :param lr_weight_scale: Learning rate of the per-channel weight scales (relative).
+    :param lr_activation_range: Learning rate of the input quantizer's low end and range (relative).
+    :param max_weight_change: Bound on ``|V|`` in initial quantization steps; None for unbounded.
+    :param optimize_bias: Train the layer bias (or the following BatchNorm's shift when the
+        layer has none).
+    :param optimize_weight_scale: Train the per-channel weight scales.
+    :param optimize_activation_range: Train the input quantizer's range (a quantizer shared by
+        several layers is trained by the first of them only).
+    :param holdout_fraction: Share of the calibration samples kept out of the optimisation to
+        report each layer's reconstruction error before and after, and to keep the
+        round-to-nearest result of a layer AdaQuant did not improve.
+    :param subset_size: Calibration samples used at most.
+    :param seed: Seed of the mini-batch sampling; the same seed gives the same model.
+    :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
+    """
+
+    mode: AdaQuantMode = "sequential"
+    iters: int = 200
+    batch_size: int = 32
+    lr_weight: float = 2e-2
+    lr_bias: float = 1e-3
+    lr_weight_scale: float = 1e-3
+    lr_activation_range: float = 1e-2
+    max_weight_change: float | None = 1.0
+    optimize_bias: bool = True
+    optimize_weight_scale: bool = True
+    optimize_activation_range: bool = True
+    holdout_fraction: float = 0.1
+    subset_size: int = 1024
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("parallel", "sequential"):
+            msg = f"mode={self.mode!r} is not supported; use 'parallel' or 'sequential'."
+            raise ValueError(msg)
+        for name in ("iters", "batch_size", "subset_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                msg = f"{name}={getattr(self, name)!r} must be a positive integer."
+                raise ValueError(msg)
+        for name in ("lr_weight", "lr_bias", "lr_weight_scale", "lr_activation_range"):
+            if not getattr(self, name) >= 0:
+                msg = f"{name}={getattr(self, name)!r} must be a non-negative number."
+                raise ValueError(msg)
+        if self.max_weight_change is not None and not self.max_weight_change > 0:
+            msg = f"max_weight_change={self.max_weight_change!r} must be positive or None."
+            raise ValueError(msg)
+        if not 0.0 <= self.holdout_fraction < 0.5:
+            msg = f"holdout_fraction={self.holdout_fraction!r} must be in [0, 0.5)."
+            raise ValueError(msg)
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            msg = f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'."
+            raise ValueError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdaQuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            msg = f"Unknown AdaQuant settings {unknown}; known: {sorted(known)}."
+            raise ValueError(msg)
+        return cls(**data)

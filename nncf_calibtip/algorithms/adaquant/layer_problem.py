@@ -1,0 +1,193 @@
+"""One layer's AdaQuant problem: its trainable changes, its quantized forward and the update.
+
+The quantized forward reuses NNCF's fake-quantize functions (straight-through rounding, LSQ
+gradients for the ranges) on the layer's own NNCF quantizers' settings; the trainable tensors
+are *changes* relative to the round-to-nearest start, so that all-zero changes reproduce it
+exactly and learning rates are relative to each tensor's scale.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from nncf_calibtip import compat
+from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
+from nncf_calibtip.placement import MIN_WEIGHT_SCALE
+from nncf_calibtip.quantized_layers import QuantizedLayer, call_op
+
+
+@dataclass
+class _Tensors:
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    bn: dict[int, torch.Tensor]
+
+
+def _quantize_input(q: compat.BaseQuantizer, x: torch.Tensor, low_shift: torch.Tensor, range_scale: torch.Tensor,
+                    low0: torch.Tensor, range0: torch.Tensor) -> torch.Tensor:
+    if isinstance(q, compat.AsymmetricQuantizer):
+        low = low0 + range0 * low_shift
+        return compat.asymmetric_quantize(x, q.levels, q.level_low, q.level_high, low, range0 * (1 + range_scale), q.eps)
+    return compat.symmetric_quantize(x, q.levels, q.level_low, q.level_high, range0 * (1 + range_scale), q.eps)
+
+
+class LayerProblem:
+    """Trainable changes of one layer and the functions AdaQuant needs.
+
+    :param layer: The layer.
+    :param tensors: The model's parameters and buffers by name.
+    :param config: AdaQuant settings.
+    :param train_input_range: Whether this layer owns (and so trains) its input quantizer.
+    :param output_rms: RMS of the layer's FP output before BatchNorm, the unit of the bias change.
+    """
+
+    def __init__(
+        self,
+        layer: QuantizedLayer,
+        tensors: Mapping[str, torch.Tensor],
+        config: AdaQuantConfig,
+        train_input_range: bool,
+        output_rms: float,
+    ) -> None:
+        self.layer = layer
+        self.config = config
+        self.fp = _Tensors(
+            weight=tensors[layer.weight_name],
+            bias=tensors[layer.bias_name] if layer.bias_name else None,
+            bn={port: tensors[name] for port, name in layer.batch_norm_params.items()},
+        )
+        wq = layer.weight_quantizer
+        device = self.fp.weight.device
+        self.weight_scale0 = wq.scale.detach().abs().clamp_min(MIN_WEIGHT_SCALE).clone()
+        # Initial quantization step per output channel: the unit of the weight change.
+        self.weight_step0 = self.weight_scale0 / max(abs(wq.level_high), 1)
+        self.delta_w = torch.zeros_like(self.fp.weight, requires_grad=config.lr_weight > 0)
+        self.delta_scale = torch.zeros_like(self.weight_scale0, requires_grad=config.optimize_weight_scale)
+        # The bias change lives in the layer bias, or in the following BatchNorm's shift.
+        self.bias_target: str | None = None
+        if config.optimize_bias:
+            if layer.bias_name:
+                self.bias_target = "bias"
+            elif layer.batch_norm is not None and 2 in layer.batch_norm_params:
+                self.bias_target = "bn"
+        bias_like = self.fp.bias if self.bias_target == "bias" else self.fp.bn.get(2)
+        self.delta_b = torch.zeros_like(bias_like, requires_grad=True) if self.bias_target else None
+        self.output_rms = max(output_rms, 1e-12)
+        iq = layer.input_quantizer
+        self.train_input_range = train_input_range and iq is not None and config.optimize_activation_range
+        if iq is not None:
+            if isinstance(iq, compat.AsymmetricQuantizer):
+                self.low0 = iq.input_low.detach().clone()
+                self.range0 = iq.input_range.detach().abs().clone()
+            else:
+                self.low0 = torch.zeros_like(iq.scale.detach())
+                self.range0 = iq.scale.detach().abs().clone()
+            self.low_shift = torch.zeros_like(self.range0, requires_grad=self.train_input_range)
+            self.range_scale = torch.zeros_like(self.range0, requires_grad=self.train_input_range)
+        self.to(device)
+
+    def to(self, device: torch.device) -> None:
+        for name in ("weight_scale0", "weight_step0", "low0", "range0"):
+            if hasattr(self, name):
+                setattr(self, name, getattr(self, name).to(device))
+
+    # ------------------------------------------------------------------ forward
+    def trainable(self) -> list[dict]:
+        """Parameter groups for the optimiser."""
+        c = self.config
+        groups = []
+        if self.delta_w.requires_grad:
+            groups.append({"params": [self.delta_w], "lr": c.lr_weight})
+        if self.delta_scale.requires_grad:
+            groups.append({"params": [self.delta_scale], "lr": c.lr_weight_scale})
+        if self.delta_b is not None:
+            groups.append({"params": [self.delta_b], "lr": c.lr_bias})
+        if self.train_input_range:
+            groups.append({"params": [self.low_shift, self.range_scale], "lr": c.lr_activation_range})
+        return groups
+
+    def _weight_change(self) -> torch.Tensor:
+        v = self.delta_w
+        if self.config.max_weight_change is not None:
+            m = self.config.max_weight_change
+            v = v.clamp(-m, m)
+        return v * self.weight_step0
+
+    def quantized_weight(self) -> torch.Tensor:
+        wq = self.layer.weight_quantizer
+        scale = self.weight_scale0 * (1 + self.delta_scale)
+        return compat.symmetric_quantize(
+            self.fp.weight + self._weight_change(), wq.levels, wq.level_low, wq.level_high, scale, wq.eps
+        )
+
+    def _bias_change(self) -> torch.Tensor | None:
+        return None if self.delta_b is None else self.delta_b * self.output_rms
+
+    def _tail(self, y: torch.Tensor, bn_bias_change: torch.Tensor | None) -> torch.Tensor:
+        layer = self.layer
+        if layer.batch_norm is not None:
+            bn = dict(self.fp.bn)
+            if bn_bias_change is not None:
+                bn[2] = bn[2] + bn_bias_change
+            y = call_op(layer.batch_norm, {0: y, **bn})
+        if layer.activation is not None:
+            y = call_op(layer.activation, {0: y})
+        return y
+
+    def fp_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The FP layer (with its BatchNorm and activation) on FP input: the target."""
+        y = call_op(self.layer.node, {0: x, 1: self.fp.weight, 2: self.fp.bias})
+        return self._tail(y, None)
+
+    def quantized_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The quantized layer on (unquantized) input ``x``, with the current changes."""
+        iq = self.layer.input_quantizer
+        if iq is not None:
+            x = _quantize_input(iq, x, self.low_shift, self.range_scale, self.low0, self.range0)
+        db = self._bias_change()
+        bias = self.fp.bias
+        if self.bias_target == "bias":
+            bias = bias + db
+        y = call_op(self.layer.node, {0: x, 1: self.quantized_weight(), 2: bias})
+        return self._tail(y, db if self.bias_target == "bn" else None)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Back to round-to-nearest (all changes zero)."""
+        with torch.no_grad():
+            for t in (self.delta_w, self.delta_scale, self.delta_b, getattr(self, "low_shift", None),
+                      getattr(self, "range_scale", None)):
+                if t is not None:
+                    t.zero_()
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Store the changes in the model's weight, bias/BatchNorm shift and quantizers."""
+        self.fp.weight.add_(self._weight_change())
+        wq = self.layer.weight_quantizer
+        wq.scale.copy_((self.weight_scale0 * (1 + self.delta_scale)).abs().clamp_min(MIN_WEIGHT_SCALE))
+        db = self._bias_change()
+        if db is not None:
+            (self.fp.bias if self.bias_target == "bias" else self.fp.bn[2]).add_(db)
+        iq = self.layer.input_quantizer
+        if self.train_input_range and iq is not None:
+            new_range = (self.range0 * (1 + self.range_scale)).abs()
+            if isinstance(iq, compat.AsymmetricQuantizer):
+                iq.input_low.copy_(self.low0 + self.range0 * self.low_shift)
+                _store(iq, "_input_range_param_storage", new_range)
+            else:
+                _store(iq, "_scale_param_storage", new_range)
+
+
+def _store(q: compat.BaseQuantizer, attr: str, value: torch.Tensor) -> None:
+    storage = getattr(q, attr)
+    storage.copy_(value.log() if q._is_using_log_scale_storage else value)
+
+
+def cosine_lr(step: int, total: int) -> float:
+    """Cosine decay from 1 to 0 over ``total`` steps."""
+    return 0.5 * (1 + math.cos(math.pi * step / total))

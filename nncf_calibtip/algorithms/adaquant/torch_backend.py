@@ -1,0 +1,144 @@
+"""AdaQuant on the torch backend: capture one layer's data, optimise it, write it back."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from nncf_calibtip import compat
+from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerReport
+from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
+from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem, cosine_lr
+from nncf_calibtip.calibration.capture import all_quantizers, capture_input, quantizers_disabled
+from nncf_calibtip.quantized_layers import QuantizedLayer, call_op, find_quantized_layers
+
+#: Samples per chunk when evaluating a whole cached set (bounds temporary memory).
+_EVAL_CHUNK = 256
+
+
+@dataclass
+class _Session:
+    model: nn.Module
+    fp_model: nn.Module
+    device: torch.device
+    original_device: torch.device
+    tensors: dict[str, torch.Tensor]
+
+
+def _relative_error(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> float:
+    """``||y_q - y||^2 / ||y||^2`` over a cached set."""
+    err, ref = 0.0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), _EVAL_CHUNK):
+            yt = y[i : i + _EVAL_CHUNK]
+            err += (problem.quantized_output(x[i : i + _EVAL_CHUNK]) - yt).pow(2).sum().item()
+            ref += yt.pow(2).sum().item()
+    return err / max(ref, 1e-30)
+
+
+class PTAdaQuantBackend(AdaQuantBackend):
+    """Torch implementation of the AdaQuant steps."""
+
+    def find_layers(self, model: Any, graph: compat.NNCFGraph) -> list[QuantizedLayer]:
+        return find_quantized_layers(_torch_model(model), graph)
+
+    def start(self, model: Any, device: torch.device) -> _Session:
+        torch_model = _torch_model(model)
+        original = next(torch_model.parameters()).device
+        torch_model.to(device).eval()
+        # The FP reference: the same graph with every quantizer off and the weights as they
+        # are before calibration (AdaQuant changes the model's weights layer by layer).
+        fp_model = copy.deepcopy(torch_model)
+        for q in all_quantizers(fp_model):
+            q.enabled[0] = 0
+        tensors = dict(torch_model.named_parameters())
+        tensors.update(dict(torch_model.named_buffers()))
+        return _Session(torch_model, fp_model, device, original, tensors)
+
+    def finish(self, session: _Session) -> None:
+        session.model.to(session.original_device)
+        del session.fp_model
+
+    def calibrate_layer(
+        self,
+        session: _Session,
+        layer: QuantizedLayer,
+        items: Sequence[Any],
+        config: AdaQuantConfig,
+        train_input_range: bool,
+        layer_index: int,
+    ) -> LayerReport:
+        problem_holder: list[LayerProblem] = []
+
+        def fp_target(x: torch.Tensor) -> torch.Tensor:
+            return problem_holder[0].fp_output(x)
+
+        # Target: the FP layer on FP inputs; its input (and so its RMS) from the FP model.
+        x_fp = capture_input(session.fp_model, layer.name, items[:1], session.device)
+        with torch.no_grad():
+            y0 = _layer_only_output(layer, session.tensors, x_fp)
+        problem = LayerProblem(layer, session.tensors, config, train_input_range, float(y0.pow(2).mean().sqrt()))
+        problem_holder.append(problem)
+        del x_fp, y0
+        if config.mode == "sequential":
+            targets = capture_input(session.fp_model, layer.name, items, session.device, transform=fp_target)
+            # The layer's own input quantizer is applied by the problem, so it is off here.
+            off = [layer.input_quantizer] if layer.input_quantizer is not None else []
+            with quantizers_disabled(off):
+                inputs = capture_input(session.model, layer.name, items, session.device)
+        else:
+            inputs = capture_input(session.fp_model, layer.name, items, session.device)
+            with torch.no_grad():
+                targets = torch.cat([fp_target(inputs[i : i + _EVAL_CHUNK]) for i in range(0, len(inputs), _EVAL_CHUNK)])
+        n = len(inputs)
+        n_hold = int(round(n * config.holdout_fraction))
+        if n_hold >= n:
+            n_hold = 0
+        n_train = n - n_hold
+        report_x, report_y = (inputs[n_train:], targets[n_train:]) if n_hold else (inputs, targets)
+        before = _relative_error(problem, report_x, report_y)
+
+        groups = problem.trainable()
+        if groups and config.iters > 0:
+            opt = torch.optim.Adam(groups)
+            base = [g["lr"] for g in groups]
+            gen = torch.Generator(device="cpu").manual_seed(config.seed * 100003 + layer_index)
+            bs = min(config.batch_size, n_train)
+            for step in range(config.iters):
+                f = cosine_lr(step, config.iters)
+                for g, lr in zip(opt.param_groups, base):
+                    g["lr"] = lr * f
+                idx = torch.randint(0, n_train, (bs,), generator=gen).to(session.device)
+                loss = (problem.quantized_output(inputs[idx]) - targets[idx]).pow(2).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        after = _relative_error(problem, report_x, report_y)
+        kept = True
+        if after > before and n_hold:
+            # Held-out error rose: keep round-to-nearest for this layer.
+            problem.reset()
+            after, kept = before, False
+        problem.write_back()
+        return LayerReport(
+            name=layer.name,
+            samples=n,
+            held_out=n_hold,
+            error_before=before,
+            error_after=after,
+            kept=kept,
+        )
+
+
+def _layer_only_output(layer: QuantizedLayer, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    bias = tensors[layer.bias_name] if layer.bias_name else None
+    return call_op(layer.node, {0: x, 1: tensors[layer.weight_name], 2: bias})
+
+
+def _torch_model(model: Any) -> nn.Module:
+    return model.model if isinstance(model, compat.GraphModelWrapper) else model

@@ -1,0 +1,210 @@
+"""``quantize()``: a config -> an NNCF pipeline of our algorithms -> the quantized model."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import nncf
+from torch import nn
+
+from nncf_calibtip import compat
+from nncf_calibtip.algorithms.adaquant import AdaQuant, AdaQuantConfig
+from nncf_calibtip.calibration.data import inference_items
+from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
+from nncf_calibtip.plan import PrecisionPlan
+
+AlgorithmConfig = Union[AdaQuantConfig]
+#: Config class of each algorithm, by the name used in JSON configs.
+ALGORITHM_CONFIGS: dict[str, type] = {"adaquant": AdaQuantConfig}
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """A whole quantization recipe: bit widths, then algorithms in order.
+
+    :param precision: Bit widths (defaults, first/last rule, overrides).
+    :param algorithms: Algorithms run after placement, in order (e.g. ``[AdaQuantConfig()]``).
+    :param subset_size: Calibration samples used for the quantizer ranges.
+    """
+
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    algorithms: tuple[AlgorithmConfig, ...] = ()
+    subset_size: int = 1024
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "algorithms", tuple(self.algorithms))
+        for a in self.algorithms:
+            if not isinstance(a, tuple(ALGORITHM_CONFIGS.values())):
+                msg = f"Unknown algorithm config {type(a).__name__}; use one of {sorted(ALGORITHM_CONFIGS)}."
+                raise TypeError(msg)
+        if not isinstance(self.subset_size, int) or self.subset_size < 1:
+            msg = f"subset_size={self.subset_size!r} must be a positive integer."
+            raise ValueError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        names = {cls: name for name, cls in ALGORITHM_CONFIGS.items()}
+        return {
+            "precision": self.precision.to_dict(),
+            "algorithms": [{"type": names[type(a)], **a.to_dict()} for a in self.algorithms],
+            "subset_size": self.subset_size,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantizationConfig:
+        unknown = sorted(set(data) - {"precision", "algorithms", "subset_size"})
+        if unknown:
+            msg = f"Unknown config keys {unknown}; known: precision, algorithms, subset_size."
+            raise ValueError(msg)
+        algorithms = []
+        for entry in data.get("algorithms", []):
+            entry = dict(entry)
+            kind = entry.pop("type", None)
+            if kind not in ALGORITHM_CONFIGS:
+                msg = f"Algorithm type {kind!r} is unknown; use one of {sorted(ALGORITHM_CONFIGS)}."
+                raise ValueError(msg)
+            algorithms.append(ALGORITHM_CONFIGS[kind].from_dict(entry))
+        return cls(
+            precision=PrecisionConfig.from_dict(data.get("precision", {})),
+            algorithms=tuple(algorithms),
+            subset_size=data.get("subset_size", 1024),
+        )
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> QuantizationConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+class DatasetPipeline(compat.Pipeline):
+    """NNCF's Pipeline that also hands the dataset to each algorithm's ``apply`` (NNCF's own
+    passes only statistics, which suits MinMax but not algorithms that stream data)."""
+
+    _dataset: nncf.Dataset | None = None
+
+    def run_from_step(self, model: Any, dataset: nncf.Dataset, *args: Any, **kwargs: Any) -> Any:
+        self._dataset = dataset
+        try:
+            return super().run_from_step(model, dataset, *args, **kwargs)
+        finally:
+            self._dataset = None
+
+    def run_step(self, step_index: int, step_statistics: Any, model: Any, graph: Any) -> Any:
+        current_model, current_graph = model, graph
+        step = self._remove_unsupported_algorithms(compat.get_backend(model))[step_index]
+        for i, algorithm in enumerate(step):
+            if i:
+                current_graph = compat.build_graph(current_model)
+            current_model = algorithm.apply(current_model, current_graph, step_statistics, dataset=self._dataset)
+        return current_model
+
+
+@dataclass
+class QuantizationResult:
+    """What a quantization run produced besides the model: the plan and per-algorithm reports."""
+
+    plan: PrecisionPlan
+    reports: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+RESULT_ATTRIBUTE = "_calibtip_result"
+
+
+def nncf_subset_size(dataset: nncf.Dataset, samples: int) -> int:
+    """NNCF's ``subset_size`` that covers ``samples`` samples: NNCF counts samples when it can
+    tell the batch size (a DataLoader), and dataset items otherwise."""
+    if dataset.get_batch_size() is not None:
+        return samples
+    return len(inference_items(dataset, samples))
+
+
+def build_pipeline(
+    config: QuantizationConfig,
+    ignored_scope: nncf.IgnoredScope | None = None,
+    plan: PrecisionPlan | None = None,
+    min_max_subset_size: int | None = None,
+) -> tuple[DatasetPipeline, list[compat.Algorithm]]:
+    """The NNCF pipeline for ``config``: MinMax, PrecisionSetup, then the algorithms.
+
+    :param min_max_subset_size: NNCF ``subset_size`` for MinMax (default ``config.subset_size``).
+    """
+    setup = PrecisionSetup(config.precision, plan)
+    algorithms: list[compat.Algorithm] = [setup]
+    for a in config.algorithms:
+        if isinstance(a, AdaQuantConfig):
+            algorithms.append(AdaQuant(a))
+    subset = min_max_subset_size or config.subset_size
+    steps = [[min_max_algorithm(config.precision, subset, ignored_scope)], [setup]]
+    steps += [[a] for a in algorithms[1:]]
+    return DatasetPipeline(steps), algorithms
+
+
+def quantize(
+    model: nn.Module,
+    calibration_dataset: nncf.Dataset,
+    config: QuantizationConfig | AlgorithmConfig | None = None,
+    *,
+    precision: PrecisionConfig | None = None,
+    plan: PrecisionPlan | None = None,
+    ignored_scope: nncf.IgnoredScope | None = None,
+) -> nn.Module:
+    """Quantize a torch model below 8 bits with a small unlabeled calibration set.
+
+    The caller's model is not modified. The result is an NNCF-quantized torch model (fake
+    quantization) that :func:`nncf_calibtip.export_openvino` turns into OpenVINO IR.
+
+    :param model: FP torch model in eval mode.
+    :param calibration_dataset: Unlabeled calibration data (``nncf.Dataset`` whose transform
+        gives model inputs).
+    :param config: A full :class:`QuantizationConfig`, or a single algorithm config such as
+        :class:`AdaQuantConfig`; None quantizes with round-to-nearest only.
+    :param precision: Bit widths; overrides ``config.precision``.
+    :param plan: An explicit per-layer plan; overrides the precision defaults.
+    :param ignored_scope: Operations left in FP (NNCF's ``IgnoredScope``).
+    :return: The quantized model; :func:`get_result` gives its plan and reports.
+    """
+    if not isinstance(model, nn.Module):
+        msg = f"quantize() takes a torch.nn.Module, got {type(model).__name__}."
+        raise TypeError(msg)
+    if not isinstance(calibration_dataset, nncf.Dataset):
+        msg = "calibration_dataset must be an nncf.Dataset: wrap your loader as nncf.Dataset(loader, transform_fn)."
+        raise TypeError(msg)
+    if config is None:
+        config = QuantizationConfig()
+    elif not isinstance(config, QuantizationConfig):
+        config = QuantizationConfig(algorithms=(config,))
+    if precision is not None:
+        config = QuantizationConfig(precision=precision, algorithms=config.algorithms, subset_size=config.subset_size)
+    subset = nncf_subset_size(calibration_dataset, config.subset_size)
+    pipeline, algorithms = build_pipeline(config, ignored_scope, plan, subset)
+    example = next(iter(calibration_dataset.get_inference_data()))
+    work = copy.deepcopy(model).eval()
+    wrapped = compat.GraphModelWrapper(compat.wrap_model(work), example)
+    result = pipeline.run(wrapped, calibration_dataset)
+    quantized = result.model if isinstance(result, compat.GraphModelWrapper) else result
+    setup = algorithms[0]
+    out = QuantizationResult(plan=setup.applied_plan)
+    for a in algorithms[1:]:
+        if isinstance(a, AdaQuant):
+            out.reports["adaquant"] = [r.to_dict() for r in a.reports]
+            out.seconds["adaquant"] = a.calibration_seconds
+    setattr(quantized, RESULT_ATTRIBUTE, out)
+    return quantized
+
+
+def get_result(model: nn.Module) -> QuantizationResult:
+    """The plan and reports of a model returned by :func:`quantize`."""
+    result = getattr(model, RESULT_ATTRIBUTE, None)
+    if result is None:
+        msg = "This model was not produced by nncf_calibtip.quantize()."
+        raise ValueError(msg)
+    return result

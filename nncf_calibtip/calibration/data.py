@@ -1,0 +1,86 @@
+"""Calling a model on ``nncf.Dataset`` items, on CPU or CUDA."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import islice
+from typing import Any
+
+import nncf
+import torch
+from torch import nn
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as ``torch.device``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        msg = f"device={device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'."
+        raise ValueError(msg)
+    return torch.device(device)
+
+
+def to_device(item: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) dataset item to ``device``."""
+    if isinstance(item, torch.Tensor):
+        return item.to(device)
+    if isinstance(item, Mapping):
+        return {k: to_device(v, device) for k, v in item.items()}
+    if isinstance(item, tuple):
+        return tuple(to_device(v, device) for v in item)
+    if isinstance(item, list):
+        return [to_device(v, device) for v in item]
+    return item
+
+
+def call_model(model: nn.Module, item: Any) -> Any:
+    """Call ``model`` the way NNCF's torch engine does: dicts as keywords, tuples as positionals."""
+    if isinstance(item, Mapping):
+        return model(**item)
+    if isinstance(item, tuple):
+        return model(*item)
+    return model(item)
+
+
+def batch_size_of(item: Any) -> int:
+    """Leading dimension of the first tensor in a dataset item (the number of samples it holds)."""
+    if isinstance(item, torch.Tensor):
+        return int(item.shape[0]) if item.dim() > 0 else 1
+    values: Sequence[Any] = list(item.values()) if isinstance(item, Mapping) else item
+    if isinstance(values, (list, tuple)):
+        for v in values:
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                return int(v.shape[0])
+    msg = f"Cannot tell the batch size of a dataset item of type {type(item).__name__}; yield tensors."
+    raise TypeError(msg)
+
+
+def inference_items(dataset: nncf.Dataset, subset_size: int | None) -> list[Any]:
+    """The transformed items of ``dataset`` holding at most ``subset_size`` samples in all.
+
+    Items are kept whole: the last one may overshoot ``subset_size`` by less than a batch.
+
+    :raises ValueError: when the dataset is empty.
+    """
+    items: list[Any] = []
+    seen = 0
+    for item in islice(dataset.get_inference_data(), None):
+        items.append(item)
+        seen += batch_size_of(item)
+        if subset_size is not None and seen >= subset_size:
+            break
+    if not items:
+        msg = "The calibration dataset is empty; pass an nncf.Dataset with at least one sample."
+        raise ValueError(msg)
+    return items
+
+
+def count_samples(items: Sequence[Any]) -> int:
+    return sum(batch_size_of(i) for i in items)
+
+
+def iterate_on(items: Sequence[Any], device: torch.device) -> Iterator[Any]:
+    """Items moved to ``device`` one at a time (the dataset itself stays where it is)."""
+    for item in items:
+        yield to_device(item, device)

@@ -1,0 +1,134 @@
+"""The only module that imports NNCF internals.
+
+Everything the package needs from NNCF beyond its public API (``nncf.Dataset``,
+``nncf.IgnoredScope``, ``nncf.quantize``) is re-exported from here, so that a change of NNCF's
+internal layout is fixed in one place. The package pins NNCF to the minor version these imports
+were written against (:data:`TESTED_NNCF_MINOR`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+# NNCF compiles its fake-quantize C++ extension on first use and gives up after 60 s; on a
+# busy 2-core machine the first build takes longer. A user's own setting wins.
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
+
+import nncf  # noqa: E402
+from nncf.common.factory import build_graph
+from nncf.common.graph.graph import NNCFGraph
+from nncf.common.graph.graph import NNCFNode
+from nncf.common.logging import nncf_logger
+from nncf.common.logging.track_progress import track
+from nncf.common.quantization.quantizer_propagation.structs import QuantizationTrait
+from nncf.common.quantization.structs import QuantizationPreset
+from nncf.common.tensor_statistics.statistic_point import StatisticPointsContainer
+from nncf.common.utils.backend import BackendType
+from nncf.common.utils.backend import get_backend
+from nncf.quantization.advanced_parameters import OverflowFix
+from nncf.quantization.algorithms.algorithm import Algorithm
+from nncf.quantization.algorithms.min_max.algorithm import MinMaxQuantization
+from nncf.quantization.algorithms.pipeline import Pipeline
+from nncf.quantization.range_estimator import RangeEstimatorParametersSet
+from nncf.torch.function_hook import get_hook_storage
+from nncf.torch.function_hook import register_pre_function_hook
+from nncf.torch.function_hook import wrap_model
+from nncf.torch.function_hook.graph.graph_utils import TensorMeta
+from nncf.torch.function_hook.nncf_graph.layer_attributes import PT2OpLayerAttributes
+from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import GraphModelWrapper
+from nncf.torch.graph import operator_metatypes as om
+from nncf.torch.quantization.default_quantization import DEFAULT_PT_QUANT_TRAIT_TO_OP_DICT
+from nncf.torch.quantization.layers import AsymmetricQuantizer
+from nncf.torch.quantization.layers import BaseQuantizer
+from nncf.torch.quantization.layers import SymmetricQuantizer
+from nncf.torch.quantization.quantize_functions import asymmetric_quantize
+from nncf.torch.quantization.quantize_functions import symmetric_quantize
+
+TESTED_NNCF_MINOR = "3.4"
+
+#: Weighted operations AdaQuant calibrates (depthwise and grouped convs are subtypes of these).
+WEIGHTED_METATYPES = (
+    om.PTConv1dMetatype,
+    om.PTConv2dMetatype,
+    om.PTConv3dMetatype,
+    om.PTDepthwiseConv1dSubtype,
+    om.PTDepthwiseConv2dSubtype,
+    om.PTDepthwiseConv3dSubtype,
+    om.PTLinearMetatype,
+)
+#: Per-channel affine operations folded into a layer's reconstruction target.
+BATCH_NORM_METATYPES = (om.PTBatchNormMetatype,)
+#: Element-wise activations the reconstruction loss is taken after (the paper: ReLU).
+ACTIVATION_METATYPES = (
+    om.PTRELUMetatype,
+    om.PTRELU6Metatype,
+    om.PTHardTanhMetatype,
+    om.PTLeakyRELUMetatype,
+    om.PTGELUMetatype,
+    om.PTSILUMetatype,
+    om.PTHardSwishMetatype,
+    om.PTELUMetatype,
+)
+#: Operations a quantizer commutes with (NNCF propagates quantizers through them).
+QUANTIZATION_AGNOSTIC_METATYPES = tuple(DEFAULT_PT_QUANT_TRAIT_TO_OP_DICT[QuantizationTrait.QUANTIZATION_AGNOSTIC])
+CONST_METATYPE = om.PTConstNoopMetatype
+INPUT_METATYPE = om.PTInputNoopMetatype
+OUTPUT_METATYPE = om.PTOutputNoopMetatype
+
+
+_HOOK_NODE = re.compile(r"(^|/)(pre|post)_hook__")
+
+
+def is_hook_node(node: NNCFNode) -> bool:
+    """Whether a graph node is one of NNCF's inserted hooks (a quantizer) rather than a model op."""
+    return bool(_HOOK_NODE.search(node.node_name))
+
+
+def nncf_version_ok() -> bool:
+    """Whether the installed NNCF has the minor version these imports were written for."""
+    return nncf.__version__.startswith(TESTED_NNCF_MINOR + ".")
+
+
+if not nncf_version_ok():  # pragma: no cover - depends on the environment
+    nncf_logger.warning(
+        f"nncf_calibtip was tested with NNCF {TESTED_NNCF_MINOR}.x, found {nncf.__version__}; "
+        f"install nncf=={TESTED_NNCF_MINOR}.* if quantization fails."
+    )
+
+__all__ = [
+    "ACTIVATION_METATYPES",
+    "Algorithm",
+    "AsymmetricQuantizer",
+    "BATCH_NORM_METATYPES",
+    "BackendType",
+    "BaseQuantizer",
+    "CONST_METATYPE",
+    "GraphModelWrapper",
+    "INPUT_METATYPE",
+    "MinMaxQuantization",
+    "NNCFGraph",
+    "NNCFNode",
+    "OUTPUT_METATYPE",
+    "OverflowFix",
+    "PT2OpLayerAttributes",
+    "Pipeline",
+    "QUANTIZATION_AGNOSTIC_METATYPES",
+    "QuantizationPreset",
+    "RangeEstimatorParametersSet",
+    "StatisticPointsContainer",
+    "SymmetricQuantizer",
+    "TESTED_NNCF_MINOR",
+    "TensorMeta",
+    "WEIGHTED_METATYPES",
+    "asymmetric_quantize",
+    "build_graph",
+    "get_backend",
+    "get_hook_storage",
+    "is_hook_node",
+    "nncf_logger",
+    "register_pre_function_hook",
+    "symmetric_quantize",
+    "track",
+    "wrap_model",
+]

@@ -1,0 +1,169 @@
+"""OpenVINO export that keeps the per-layer precision, and a check of the IR against the plan.
+
+``ov.convert_model`` turns NNCF's quantizers into FakeQuantize operations with the quantizer's
+levels; ``ov.save_model`` folds the weight FakeQuantizes into int8/int4 constants, so 4-bit
+weights are stored 4-bit in the ``.bin``. The plan (JSON) is written beside the IR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import openvino as ov
+import torch
+from torch import nn
+
+from nncf_calibtip.placement import get_plan
+from nncf_calibtip.plan import PrecisionPlan
+
+#: Bits of an IR weight constant by element type.
+_CONST_BITS = {"i2": 2, "u2": 2, "i4": 4, "u4": 4, "i8": 8, "u8": 8}
+_WEIGHTED_OPS = {"Convolution", "GroupConvolution", "MatMul"}
+
+
+@dataclass
+class IRLayer:
+    """What the IR says about one weighted operation."""
+
+    name: str
+    weight_bits: int | None
+    activation_levels: int | None
+
+
+@dataclass
+class ExportResult:
+    """Paths written and the per-layer precision read back from the IR."""
+
+    xml: Path
+    bin: Path
+    plan_json: Path | None
+    layers: list[IRLayer] = field(default_factory=list)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Size of the IR's ``.bin`` (weights and other constants)."""
+        return self.bin.stat().st_size
+
+
+def _walk_to(node: ov.Node, types: set[str], max_depth: int = 6) -> ov.Node | None:
+    """First producer of ``node``'s data (input 0) chain with a type in ``types``."""
+    for _ in range(max_depth):
+        if node.get_type_name() in types:
+            return node
+        if node.get_input_size() == 0:
+            return None
+        node = node.input_value(0).get_node()
+    return node if node.get_type_name() in types else None
+
+
+def _weight_bits(op: ov.Node) -> int | None:
+    """Bits of the integer constant behind ``op``'s weight input, or of its weight FakeQuantize."""
+    node = op.input_value(1).get_node()
+    for _ in range(6):
+        t = node.get_type_name()
+        if t == "Constant":
+            return _CONST_BITS.get(node.get_element_type().get_type_name())
+        if t == "FakeQuantize":
+            levels = node.get_attributes()["levels"]
+            return max(1, (levels - 1).bit_length())
+        if node.get_input_size() == 0:
+            return None
+        node = node.input_value(0).get_node()
+    return None
+
+
+def read_ir_layers(model: ov.Model) -> list[IRLayer]:
+    """Weight bits and input FakeQuantize levels of every conv/matmul in an IR."""
+    out = []
+    for op in model.get_ordered_ops():
+        if op.get_type_name() not in _WEIGHTED_OPS:
+            continue
+        bits = _weight_bits(op)
+        if bits is None:
+            continue
+        fq = _walk_to(op.input_value(0).get_node(), {"FakeQuantize"})
+        levels = fq.get_attributes()["levels"] if fq is not None else None
+        out.append(IRLayer(op.get_friendly_name(), bits, levels))
+    return out
+
+
+def _atomic_save(ov_model: ov.Model, xml: Path, compress_to_fp16: bool) -> None:
+    """Write ``xml`` and its ``.bin`` through a temporary folder so no partial IR is left."""
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=xml.parent, prefix=".export-") as tmp:
+        tmp_xml = Path(tmp) / xml.name
+        ov.save_model(ov_model, tmp_xml, compress_to_fp16=compress_to_fp16)
+        os.replace(tmp_xml.with_suffix(".bin"), xml.with_suffix(".bin"))
+        os.replace(tmp_xml, xml)
+
+
+def export_openvino(
+    model: nn.Module,
+    example_input: Any,
+    path: str | Path,
+    *,
+    input_shape: list[Any] | None = None,
+    compress_to_fp16: bool = False,
+) -> ExportResult:
+    """Convert a quantized model to OpenVINO IR at ``path`` (``.xml`` + ``.bin``).
+
+    :param model: A model from :func:`nncf_calibtip.quantize` (or any torch model).
+    :param example_input: An input the model accepts (tensor, tuple or dict of tensors).
+    :param path: Where to write the ``.xml``; the ``.bin`` and ``.plan.json`` go beside it.
+    :param input_shape: Optional ``input=`` argument of ``ov.convert_model`` (use -1 for a
+        dynamic batch), e.g. ``[(-1, 3, 128, 128)]``.
+    :param compress_to_fp16: Store the remaining FP constants in fp16 (off: accuracy is
+        compared against FP32).
+    :return: The paths and the per-layer precision read back from the IR.
+    """
+    xml = Path(path)
+    if xml.suffix != ".xml":
+        msg = f"Export path {xml} must end with .xml (the .bin is written beside it)."
+        raise ValueError(msg)
+    model.eval()
+    kwargs: dict[str, Any] = {"example_input": example_input}
+    if input_shape is not None:
+        kwargs["input"] = input_shape
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit.trace re-runs the model to check the trace; fake quantization makes that
+        # check report rounding-boundary differences that are not errors.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        ov_model = ov.convert_model(model, **kwargs)
+    _atomic_save(ov_model, xml, compress_to_fp16)
+    plan = get_plan(model)
+    plan_json = None
+    if plan is not None:
+        plan_json = xml.with_suffix(".plan.json")
+        plan_json.write_text(json.dumps(plan.to_dict(), indent=2) + "\n")
+    saved = ov.Core().read_model(xml)
+    return ExportResult(xml=xml, bin=xml.with_suffix(".bin"), plan_json=plan_json, layers=read_ir_layers(saved))
+
+
+def check_ir_against_plan(result: ExportResult, plan: PrecisionPlan) -> list[str]:
+    """Differences between the weight bits in the IR and the plan, as readable lines (empty: match).
+
+    Compares how many layers have each weight width, and, layer by layer where the IR
+    names the torch module the layer belongs to, the width itself.
+    """
+    problems = []
+    want: dict[int, int] = {}
+    for p in plan.values():
+        want[p.weight_bits] = want.get(p.weight_bits, 0) + 1
+    got: dict[int, int] = {}
+    for layer in result.layers:
+        if layer.weight_bits is not None:
+            got[layer.weight_bits] = got.get(layer.weight_bits, 0) + 1
+    if want != got:
+        problems.append(f"weight widths in the plan {dict(sorted(want.items()))} != in the IR {dict(sorted(got.items()))}")
+    for name, p in plan.items():
+        module_path = name.split("/")[0]
+        matches = [layer for layer in result.layers if f"__module.{module_path}/" in layer.name]
+        if len(matches) == 1 and matches[0].weight_bits != p.weight_bits:
+            problems.append(f"{name}: plan W{p.weight_bits}, IR {matches[0].weight_bits}-bit weights")
+    return problems

@@ -1,0 +1,205 @@
+"""Quantizer placement with per-layer bit widths.
+
+NNCF's MinMax places the quantizers (per-channel symmetric weights, per-tensor asymmetric
+activations, ranges from the calibration set) at 8 bits, since NNCF's hardware configs refuse
+lower widths. :class:`PrecisionSetup` then gives every quantized layer the bits of a
+:class:`~nncf_calibtip.plan.PrecisionPlan`: its weight quantizer and the activation quantizer
+at its input. Ranges carry over (min/max ranges do not depend on the bit width).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from nncf_calibtip import compat
+from nncf_calibtip.plan import ACTIVATION_BITS, WEIGHT_BITS, LayerPrecision, PrecisionPlan
+from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers
+
+#: Weight scales are kept at least this large: dead channels (all-zero weights) would otherwise
+#: give a zero quantization range, which OpenVINO's FakeQuantize turns into NaN.
+MIN_WEIGHT_SCALE = 1e-8
+
+OverflowFixMode = Literal["enable", "first_layer", "disable"]
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Bit widths of the quantized model.
+
+    :param weight_bits: Default weight bits of every quantized layer (8, 4 or 2).
+    :param activation_bits: Default bits of every quantized layer's input activations (8 or 4).
+    :param keep_first_last_8bit: Keep the first and the last layers (read from the graph) at
+        W8A8, as in the paper.
+    :param overflow_fix: NNCF's fix for int8 overflow on CPUs without VNNI: 8-bit weights use
+        a 7-bit range. ``"enable"`` (every 8-bit layer) keeps OpenVINO's results equal to
+        torch's on every x86 CPU; ``"first_layer"`` is NNCF's default; ``"disable"`` uses the
+        full range (only safe on VNNI/AMX CPUs). Weights below 8 bits cannot overflow.
+    :param layers: Per-layer overrides ``{node name: LayerPrecision}``, applied last.
+    """
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+    keep_first_last_8bit: bool = True
+    overflow_fix: OverflowFixMode = "enable"
+    layers: dict[str, LayerPrecision] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.weight_bits not in WEIGHT_BITS:
+            msg = f"weight_bits={self.weight_bits} is not supported; use one of {WEIGHT_BITS}."
+            raise ValueError(msg)
+        if self.activation_bits not in ACTIVATION_BITS:
+            msg = f"activation_bits={self.activation_bits} is not supported; use one of {ACTIVATION_BITS}."
+            raise ValueError(msg)
+        if self.overflow_fix not in ("enable", "first_layer", "disable"):
+            msg = f"overflow_fix={self.overflow_fix!r} is not one of 'enable', 'first_layer', 'disable'."
+            raise ValueError(msg)
+        fixed = {}
+        for name, p in self.layers.items():
+            fixed[name] = p if isinstance(p, LayerPrecision) else LayerPrecision(**p)
+        object.__setattr__(self, "layers", fixed)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = {k: v.to_dict() for k, v in self.layers.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrecisionConfig:
+        return cls(**data)
+
+    @property
+    def label(self) -> str:
+        return f"W{self.weight_bits}A{self.activation_bits}"
+
+
+def min_max_algorithm(
+    config: PrecisionConfig, subset_size: int, ignored_scope: Any | None = None
+) -> compat.MinMaxQuantization:
+    """NNCF MinMax set up as the paper's reference: per-channel min/max weights, per-tensor
+    activations from the batch mean of per-sample min/max, asymmetric activations."""
+    return compat.MinMaxQuantization(
+        preset=compat.QuantizationPreset.MIXED,
+        subset_size=subset_size,
+        ignored_scope=ignored_scope,
+        overflow_fix=compat.OverflowFix(config.overflow_fix),
+        batchwise_statistics=True,
+        activations_range_estimator_params=compat.RangeEstimatorParametersSet.MEAN_MINMAX,
+        weights_range_estimator_params=compat.RangeEstimatorParametersSet.MINMAX,
+    )
+
+
+def default_plan(layers: list[QuantizedLayer], config: PrecisionConfig) -> PrecisionPlan:
+    """The plan ``config`` asks for: its default bits, first/last at 8 bits, then its overrides."""
+    names = {layer.name for layer in layers}
+    unknown = sorted(set(config.layers) - names)
+    if unknown:
+        msg = f"PrecisionConfig.layers names {unknown} that are not quantized layers; known: {sorted(names)}."
+        raise ValueError(msg)
+    plan = {}
+    for layer in layers:
+        if config.keep_first_last_8bit and (layer.is_first or layer.is_last):
+            plan[layer.name] = LayerPrecision(8, 8)
+        else:
+            plan[layer.name] = LayerPrecision(config.weight_bits, config.activation_bits)
+    plan.update(config.layers)
+    return PrecisionPlan(plan)
+
+
+def effective_plan(layers: list[QuantizedLayer], plan: PrecisionPlan) -> PrecisionPlan:
+    """The plan as it can be realised: an input quantizer shared by several layers takes the
+    widest activation bits any of them asks for."""
+    shared: dict[str, int] = {}
+    for layer in layers:
+        if layer.input_quantizer_key is not None:
+            bits = plan[layer.name].activation_bits
+            shared[layer.input_quantizer_key] = max(shared.get(layer.input_quantizer_key, 0), bits)
+    out = {}
+    for layer in layers:
+        p = plan[layer.name]
+        a_bits = shared.get(layer.input_quantizer_key, p.activation_bits) if layer.input_quantizer_key else 8
+        if a_bits != p.activation_bits:
+            compat.nncf_logger.info(
+                f"{layer.name}: input quantizer is shared with a layer at {a_bits} bits; using A{a_bits}."
+            )
+        out[layer.name] = LayerPrecision(p.weight_bits, a_bits)
+    return PrecisionPlan(out)
+
+
+def _set_bits(quantizer: compat.BaseQuantizer, bits: int, *, is_weight: bool, half_range: bool) -> None:
+    quantizer.num_bits = bits
+    if is_weight:
+        # Low-bit weights use the full signed grid (-8..7 at 4 bits): one more level than the
+        # narrow grid NNCF uses at 8 bits, which matters at 4 and decides at 2 bits.
+        quantizer._narrow_range = bits == 8
+        quantizer._half_range = half_range and bits == 8
+    quantizer.set_levels()
+
+
+def apply_plan(model: torch.nn.Module, layers: list[QuantizedLayer], plan: PrecisionPlan, overflow_fix: str) -> None:
+    """Set every layer's quantizer bits from ``plan`` (in place)."""
+    for layer in layers:
+        p = plan[layer.name]
+        half = overflow_fix == "enable" or (overflow_fix == "first_layer" and layer.is_first)
+        _set_bits(layer.weight_quantizer, p.weight_bits, is_weight=True, half_range=half)
+        with torch.no_grad():
+            scale = layer.weight_quantizer.scale
+            scale.copy_(scale.abs().clamp_min(MIN_WEIGHT_SCALE))
+        if layer.input_quantizer is not None:
+            _set_bits(layer.input_quantizer, p.activation_bits, is_weight=False, half_range=False)
+
+
+PLAN_ATTRIBUTE = "_calibtip_plan"
+
+
+def get_plan(model: torch.nn.Module) -> PrecisionPlan | None:
+    """The precision plan a quantized model was built with (None for other models)."""
+    return getattr(model, PLAN_ATTRIBUTE, None)
+
+
+class PrecisionSetup(compat.Algorithm):
+    """NNCF post-training algorithm that gives each quantized layer its bits.
+
+    Runs after NNCF's MinMax in a pipeline; needs no statistics.
+
+    :param config: Default bits, first/last-layer rule, overflow fix and per-layer overrides.
+    :param plan: An explicit plan (e.g. from bit allocation); overrides ``config``'s defaults.
+    """
+
+    def __init__(self, config: PrecisionConfig | None = None, plan: PrecisionPlan | None = None) -> None:
+        self.config = config or PrecisionConfig()
+        self.plan = plan
+        self.applied_plan: PrecisionPlan | None = None
+
+    @property
+    def available_backends(self) -> list[compat.BackendType]:
+        return [compat.BackendType.TORCH]
+
+    def get_statistic_points(self, model: Any, graph: compat.NNCFGraph) -> compat.StatisticPointsContainer:
+        return compat.StatisticPointsContainer()
+
+    def apply(
+        self,
+        model: Any,
+        graph: compat.NNCFGraph,
+        statistic_points: compat.StatisticPointsContainer | None = None,
+        dataset: Any | None = None,
+    ) -> Any:
+        torch_model = model.model if isinstance(model, compat.GraphModelWrapper) else model
+        layers = find_quantized_layers(torch_model, graph)
+        if not layers:
+            msg = "No quantized conv/linear layers found: run NNCF MinMax quantization before PrecisionSetup."
+            raise ValueError(msg)
+        plan = self.plan if self.plan is not None else default_plan(layers, self.config)
+        missing = sorted({layer.name for layer in layers} - set(plan))
+        if missing:
+            msg = f"The plan has no entry for layers {missing}; give every quantized layer a precision."
+            raise ValueError(msg)
+        plan = effective_plan(layers, plan)
+        apply_plan(torch_model, layers, plan, self.config.overflow_fix)
+        setattr(torch_model, PLAN_ATTRIBUTE, plan)
+        self.applied_plan = plan
+        compat.nncf_logger.info(f"Precision plan: {plan.summary()}")
+        return model

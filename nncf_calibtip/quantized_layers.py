@@ -1,0 +1,223 @@
+"""Find the quantized conv/linear layers of a model NNCF has placed quantizers in.
+
+Everything is read from the NNCF graph, not from module names or types: a layer is a
+conv/linear operation whose weight comes from a model parameter; its weight quantizer is the
+pre-hook on the weight port; its input quantizer is the activation quantizer that feeds its
+data port, possibly through operations a quantizer commutes with (padding, max-pooling,
+reshapes); the BatchNorm and the activation that follow it (when the graph shows them as its
+only consumers) belong to its reconstruction target.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from nncf_calibtip import compat
+
+
+@dataclass
+class QuantizedLayer:
+    """One weighted operation and the quantizers and follow-up operations around it.
+
+    :param name: NNCF graph node name, e.g. ``"layers.0.conv1/conv2d/0"``; the key of the plan.
+    :param node: The graph node of the operation.
+    :param weight_name: Name of the weight parameter in the model.
+    :param bias_name: Name of the bias parameter, or None when the operation has no bias.
+    :param weight_quantizer: NNCF quantizer applied to the weight.
+    :param input_quantizer: NNCF quantizer of the activation that feeds the layer, or None.
+    :param input_quantizer_key: Hook name of ``input_quantizer`` (shared quantizers share it).
+    :param batch_norm: A BatchNorm node that is the layer output's only consumer, or None.
+    :param batch_norm_params: Names of the BatchNorm's tensors by port (weight 1, bias 2,
+        running mean 3, running variance 4).
+    :param activation: An element-wise activation node after the layer (or its BatchNorm).
+    :param is_first: No other quantized layer lies between the model input and this layer.
+    :param is_last: No other quantized layer lies between this layer and a model output.
+    """
+
+    name: str
+    node: compat.NNCFNode
+    weight_name: str
+    bias_name: str | None
+    weight_quantizer: compat.BaseQuantizer
+    input_quantizer: compat.BaseQuantizer | None
+    input_quantizer_key: str | None
+    batch_norm: compat.NNCFNode | None
+    batch_norm_params: dict[int, str]
+    activation: compat.NNCFNode | None
+    is_first: bool = False
+    is_last: bool = False
+
+    @property
+    def num_weights(self) -> int:
+        """Number of weight elements (the weight shape is in the graph)."""
+        shape = self.node.layer_attributes.op_args[1].shape
+        n = 1
+        for d in shape:
+            n *= int(d)
+        return n
+
+
+def _hooks_at(storage: nn.Module, kind: str, op_name: str, port: int) -> list[tuple[str, nn.Module]]:
+    """Hooks registered on one port: ``[(hook name, module)]``."""
+    key = f"{op_name.replace('.', ':')}__{port}"
+    table = getattr(storage, kind)
+    if key not in table:
+        return []
+    return [(f"{kind}.{key}.{i}", hook) for i, hook in table[key].items()]
+
+
+def _quantizer_at(storage: nn.Module, kind: str, op_name: str, port: int) -> tuple[str, compat.BaseQuantizer] | None:
+    for name, hook in _hooks_at(storage, kind, op_name, port):
+        if isinstance(hook, compat.BaseQuantizer):
+            return name, hook
+    return None
+
+
+def _producer(graph: compat.NNCFGraph, node: compat.NNCFNode, port: int) -> tuple[compat.NNCFNode, int] | None:
+    """The model operation (and its output port) feeding ``port`` of ``node``, past NNCF's hooks."""
+    while True:
+        edges = [e for e in graph.get_input_edges(node) if e.input_port_id == port]
+        if len(edges) != 1:
+            return None
+        node, out_port = edges[0].from_node, edges[0].output_port_id
+        if not compat.is_hook_node(node):
+            return node, out_port
+        port = 0
+
+
+def _single_consumer(graph: compat.NNCFGraph, node: compat.NNCFNode) -> compat.NNCFNode | None:
+    edges = graph.get_output_edges(node)
+    consumers = {e.to_node.node_id for e in edges}
+    if len(consumers) != 1 or edges[0].input_port_id != 0:
+        return None
+    return edges[0].to_node
+
+
+def const_inputs(graph: compat.NNCFGraph, node: compat.NNCFNode) -> dict[int, str]:
+    """Names of the model parameters/buffers feeding ``node``, by input port (past NNCF's hooks)."""
+    out = {}
+    for e in graph.get_input_edges(node):
+        found = _producer(graph, node, e.input_port_id)
+        if found is not None and found[0].metatype is compat.CONST_METATYPE:
+            out[e.input_port_id] = found[0].node_name
+    return out
+
+
+def _input_quantizer(
+    graph: compat.NNCFGraph, storage: nn.Module, node: compat.NNCFNode
+) -> tuple[str, compat.BaseQuantizer] | None:
+    """The quantizer whose output reaches ``node``'s data port through quantization-agnostic ops."""
+    port_node, port = node, 0
+    while True:
+        found = _quantizer_at(storage, "pre_hooks", port_node.node_name, port)
+        if found:
+            return found
+        source = _producer(graph, port_node, port)
+        if source is None:
+            return None
+        producer, out_port = source
+        found = _quantizer_at(storage, "post_hooks", producer.node_name, out_port)
+        if found:
+            return found
+        if not isinstance(producer.metatype, type) or not issubclass(
+            producer.metatype, compat.QUANTIZATION_AGNOSTIC_METATYPES
+        ):
+            return None
+        port_node, port = producer, 0
+
+
+def _reaches(graph: compat.NNCFGraph, start: compat.NNCFNode, targets: set[str], upstream: bool) -> bool:
+    """Whether a node in ``targets`` is an ancestor (``upstream``) or descendant of ``start``."""
+    seen: set[int] = set()
+    stack = [start]
+    while stack:
+        node = stack.pop()
+        nxt = graph.get_previous_nodes(node) if upstream else graph.get_next_nodes(node)
+        for n in nxt:
+            if n.node_id in seen:
+                continue
+            if n.node_name in targets:
+                return True
+            seen.add(n.node_id)
+            stack.append(n)
+    return False
+
+
+def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[QuantizedLayer]:
+    """All conv/linear layers with a weight quantizer, in execution order.
+
+    :param model: A model wrapped by NNCF (``wrap_model``) with quantizers inserted.
+    :param graph: Its NNCF graph.
+    """
+    storage = compat.get_hook_storage(model)
+    layers: list[QuantizedLayer] = []
+    weight_users: dict[str, int] = {}
+    for node in graph.topological_sort():
+        if node.metatype not in compat.WEIGHTED_METATYPES:
+            continue
+        consts = const_inputs(graph, node)
+        if 1 not in consts:
+            continue  # weight computed at run time: not a layer with a parameter to calibrate
+        wq = _quantizer_at(storage, "pre_hooks", node.node_name, 1)
+        if wq is None:
+            continue  # not quantized (ignored scope)
+        weight_users[consts[1]] = weight_users.get(consts[1], 0) + 1
+        iq = _input_quantizer(graph, storage, node)
+        bn = _single_consumer(graph, node)
+        if bn is not None and bn.metatype not in compat.BATCH_NORM_METATYPES:
+            bn = None
+        act = _single_consumer(graph, bn or node)
+        if act is not None and act.metatype not in compat.ACTIVATION_METATYPES:
+            act = None
+        layers.append(
+            QuantizedLayer(
+                name=node.node_name,
+                node=node,
+                weight_name=consts[1],
+                bias_name=consts.get(2),
+                weight_quantizer=wq[1],
+                input_quantizer=iq[1] if iq else None,
+                input_quantizer_key=iq[0] if iq else None,
+                batch_norm=bn,
+                batch_norm_params=const_inputs(graph, bn) if bn is not None else {},
+                activation=act,
+            )
+        )
+    shared = sorted(k for k, v in weight_users.items() if v > 1)
+    if shared:
+        msg = (
+            f"Weights {shared} are used by several operations; layer-wise calibration needs one weight per layer. "
+            "Exclude those operations with nncf.IgnoredScope."
+        )
+        raise ValueError(msg)
+    names = {layer.name for layer in layers}
+    for layer in layers:
+        layer.is_first = not _reaches(graph, layer.node, names, upstream=True)
+        layer.is_last = not _reaches(graph, layer.node, names, upstream=False)
+    return layers
+
+
+def call_op(node: compat.NNCFNode, tensors: Mapping[int, torch.Tensor | None]) -> torch.Tensor:
+    """Run the operation of ``node`` again, with the tensors at its ports given by ``tensors``.
+
+    Non-tensor arguments (stride, padding, groups, eps, ...) are the ones recorded when the
+    graph was traced, so the call is exactly the model's.
+    """
+    attrs = node.layer_attributes
+    if not isinstance(attrs, compat.PT2OpLayerAttributes):
+        msg = f"Node {node.node_name} has no recorded call; rebuild the graph with NNCF's torch tracer."
+        raise TypeError(msg)
+    args: list[Any] = list(attrs.op_args)
+    for port, value in tensors.items():
+        if port < len(args):
+            args[port] = value
+    for i, a in enumerate(args):
+        if isinstance(a, compat.TensorMeta):
+            msg = f"No tensor given for port {i} of {node.node_name}."
+            raise ValueError(msg)
+    return attrs.func(*args, **attrs.op_kwargs)

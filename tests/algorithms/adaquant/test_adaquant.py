@@ -1,0 +1,107 @@
+import copy
+
+import nncf
+import pytest
+import torch
+
+import nncf_calibtip as nc
+from nncf_calibtip import compat
+from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
+from tests.conftest import TinyNet
+
+W4A4 = PrecisionConfig(4, 4, keep_first_last_8bit=False)
+
+
+def _mse_to_fp(fp, q, x):
+    with torch.no_grad():
+        return (q(x) - fp(x)).pow(2).mean().item()
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_every_layer_reconstructs_better_than_round_to_nearest(tiny_model, calib_dataset, mode):
+    cfg = nc.AdaQuantConfig(mode=mode, iters=150, holdout_fraction=0.25)
+    q = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    reports = nc.get_result(q).reports["adaquant"]
+    assert len(reports) == 5
+    for r in reports:
+        assert r["held_out"] == 64
+        assert r["error_after"] < r["error_before"], r
+
+
+def test_adaquant_model_is_closer_to_fp_than_round_to_nearest(tiny_model, calib_dataset, test_data):
+    rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
+    aq = nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(mode="sequential", iters=150), precision=W4A4)
+    assert _mse_to_fp(tiny_model, aq, test_data) < 0.7 * _mse_to_fp(tiny_model, rtn, test_data)
+
+
+def test_sequential_ends_closer_to_fp_than_parallel(tiny_model, calib_dataset, test_data):
+    errors = {}
+    for mode in ("parallel", "sequential"):
+        q = nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(mode=mode, iters=150), precision=W4A4)
+        errors[mode] = _mse_to_fp(tiny_model, q, test_data)
+    assert errors["sequential"] < errors["parallel"]
+
+
+def test_same_seed_same_model_and_callers_model_untouched(tiny_model, calib_dataset, test_data):
+    before = copy.deepcopy(tiny_model.state_dict())
+    cfg = nc.AdaQuantConfig(iters=30, seed=3)
+    a = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    b = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    with torch.no_grad():
+        torch.testing.assert_close(a(test_data), b(test_data), rtol=0, atol=0)
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not hasattr(tiny_model, "_nncf_hooks") and not tiny_model.training
+
+
+def test_all_zero_output_channel_gives_no_nan(calib_dataset, test_data):
+    model = TinyNet(zero_channel=True).eval()
+    q = nc.quantize(model, calib_dataset, nc.AdaQuantConfig(iters=30), precision=W4A4)
+    reports = nc.get_result(q).reports["adaquant"]
+    assert all(torch.isfinite(torch.tensor([r["error_before"], r["error_after"]])).all() for r in reports)
+    with torch.no_grad():
+        assert torch.isfinite(q(test_data)).all()
+    for p in q.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_runs_inside_a_plain_nncf_pipeline(tiny_model, calib_dataset, test_data):
+    example = next(iter(calib_dataset.get_inference_data()))
+    wrapped = compat.GraphModelWrapper(compat.wrap_model(copy.deepcopy(tiny_model)), example)
+    adaquant = nc.AdaQuant(nc.AdaQuantConfig(iters=30), dataset=calib_dataset)
+    pipeline = compat.Pipeline([[min_max_algorithm(W4A4, 256)], [PrecisionSetup(W4A4)], [adaquant]])
+    q = pipeline.run(wrapped, calib_dataset).model
+    assert len(adaquant.reports) == 5
+    with torch.no_grad():
+        assert torch.isfinite(q(test_data)).all()
+
+
+def test_plain_pipeline_without_dataset_is_a_clear_error(tiny_model, calib_dataset):
+    example = next(iter(calib_dataset.get_inference_data()))
+    wrapped = compat.GraphModelWrapper(compat.wrap_model(copy.deepcopy(tiny_model)), example)
+    pipeline = compat.Pipeline([[min_max_algorithm(W4A4, 256)], [PrecisionSetup(W4A4)], [nc.AdaQuant()]])
+    with pytest.raises(ValueError, match="needs the calibration dataset"):
+        pipeline.run(wrapped, calib_dataset)
+
+
+def test_too_small_calibration_set_is_an_error(tiny_model, calib_data):
+    small = nncf.Dataset([calib_data[:16]])
+    with pytest.raises(ValueError, match="at least batch_size"):
+        nc.quantize(tiny_model, small, nc.AdaQuantConfig(batch_size=32), precision=W4A4)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"mode": "greedy"}, {"iters": 0}, {"batch_size": -1}, {"lr_weight": -1.0}, {"holdout_fraction": 0.7},
+     {"device": "tpu"}, {"max_weight_change": 0.0}],
+)
+def test_config_validation(kwargs):
+    with pytest.raises(ValueError):
+        nc.AdaQuantConfig(**kwargs)
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    cfg = nc.AdaQuantConfig(mode="parallel", iters=7)
+    assert nc.AdaQuantConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="Unknown AdaQuant settings"):
+        nc.AdaQuantConfig.from_dict({"iterations": 5})

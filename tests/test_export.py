@@ -1,0 +1,57 @@
+import numpy as np
+import openvino as ov
+import pytest
+import torch
+
+import nncf_calibtip as nc
+from nncf_calibtip.evaluation import compile_ir
+from nncf_calibtip.placement import PrecisionConfig
+from nncf_calibtip.plan import LayerPrecision
+
+
+@pytest.fixture
+def quantized(tiny_model, calib_dataset):
+    cfg = PrecisionConfig(4, 4, layers={"grouped/conv2d/0": LayerPrecision(8, 4), "pw/conv2d/0": LayerPrecision(4, 8)})
+    return nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(iters=20), precision=cfg)
+
+
+def test_ir_keeps_the_plan(quantized, test_data, tmp_path):
+    res = nc.export_openvino(quantized, test_data[:1], tmp_path / "m.xml")
+    plan = nc.get_plan(quantized)
+    assert nc.check_ir_against_plan(res, plan) == []
+    assert sorted(layer.weight_bits for layer in res.layers) == [4, 4, 8, 8, 8]
+    # Activation FakeQuantize levels at the layers' inputs: 16 for A4, 256 for A8.
+    levels = sorted(layer.activation_levels for layer in res.layers)
+    assert levels == [16, 16, 256, 256, 256]
+    assert nc.PrecisionPlan.from_json(res.plan_json) == plan
+
+
+def test_4bit_weights_are_stored_compressed(tiny_model, calib_dataset, test_data, tmp_path):
+    w8 = nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(8, 8, keep_first_last_8bit=False))
+    w4 = nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(4, 8, keep_first_last_8bit=False))
+    r8 = nc.export_openvino(w8, test_data[:1], tmp_path / "w8.xml")
+    r4 = nc.export_openvino(w4, test_data[:1], tmp_path / "w4.xml")
+    types = {op.get_element_type().get_type_name() for op in ov.Core().read_model(r4.xml).get_ops()
+             if op.get_type_name() == "Constant"}
+    assert "i4" in types
+    n_weights = sum(p.numel() for n, p in tiny_model.named_parameters() if n.endswith("weight") and p.dim() > 1)
+    assert r8.weight_bytes - r4.weight_bytes >= 0.45 * n_weights
+
+
+def test_openvino_output_matches_torch(quantized, test_data, tmp_path):
+    res = nc.export_openvino(quantized, test_data[:1], tmp_path / "m.xml", input_shape=[(-1, 3, 16, 16)])
+    ov_out = compile_ir(res.xml)(test_data.numpy())[0]
+    with torch.no_grad():
+        torch_out = quantized(test_data).numpy()
+    scale = np.abs(torch_out).max()
+    # Integer kernels and fake quantization round the same values; a tie can land one step
+    # apart in an early layer, so compare the bulk tightly and the worst element loosely.
+    assert np.median(np.abs(ov_out - torch_out)) <= 1e-4 * scale
+    assert np.abs(ov_out - torch_out).max() <= 0.05 * scale
+    assert (ov_out.argmax(1) == torch_out.argmax(1)).mean() >= 0.97
+
+
+def test_bad_path_is_an_error_and_writes_nothing(quantized, test_data, tmp_path):
+    with pytest.raises(ValueError, match=".xml"):
+        nc.export_openvino(quantized, test_data[:1], tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

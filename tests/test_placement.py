@@ -1,0 +1,68 @@
+import nncf
+import pytest
+import torch
+
+import nncf_calibtip as nc
+from nncf_calibtip.placement import MIN_WEIGHT_SCALE, PrecisionConfig
+from nncf_calibtip.plan import LayerPrecision
+from nncf_calibtip.quantized_layers import find_quantized_layers
+from tests.conftest import TinyNet
+
+
+def _layers(q):
+    from nncf_calibtip import compat
+
+    graph = compat.GraphModelWrapper(q, torch.zeros(1, 3, 16, 16)).build_graph()
+    return {layer.name.split("/")[0]: layer for layer in find_quantized_layers(q, graph)}
+
+
+def test_plan_bits_reach_the_quantizers_first_last_kept_8bit(tiny_model, calib_dataset):
+    q = nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(4, 4))
+    layers = _layers(q)
+    assert layers["stem"].weight_quantizer.num_bits == 8 and layers["stem"].input_quantizer.num_bits == 8
+    assert layers["fc"].weight_quantizer.num_bits == 8 and layers["fc"].input_quantizer.num_bits == 8
+    for name in ("dw", "pw", "grouped"):
+        assert layers[name].weight_quantizer.num_bits == 4
+        assert (layers[name].weight_quantizer.level_low, layers[name].weight_quantizer.level_high) == (-8, 7)
+        assert layers[name].input_quantizer.num_bits == 4
+    plan = nc.get_plan(q)
+    assert plan["dw/conv2d/0"] == LayerPrecision(4, 4) and plan["stem/conv2d/0"] == LayerPrecision(8, 8)
+
+
+def test_first_last_rule_can_be_switched_off_and_layers_overridden(tiny_model, calib_dataset):
+    cfg = PrecisionConfig(4, 8, keep_first_last_8bit=False, layers={"pw/conv2d/0": LayerPrecision(2, 8)})
+    plan = nc.get_plan(nc.quantize(tiny_model, calib_dataset, precision=cfg))
+    assert plan["stem/conv2d/0"] == LayerPrecision(4, 8)
+    assert plan["pw/conv2d/0"] == LayerPrecision(2, 8)
+
+
+def test_unknown_layer_in_config_is_an_error(tiny_model, calib_dataset):
+    cfg = PrecisionConfig(4, 8, layers={"nope/conv2d/0": LayerPrecision(4, 4)})
+    with pytest.raises(ValueError, match="nope/conv2d/0"):
+        nc.quantize(tiny_model, calib_dataset, precision=cfg)
+
+
+def test_overflow_fix_uses_7bit_range_for_8bit_weights_only(tiny_model, calib_dataset):
+    layers = _layers(nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(4, 8)))
+    assert layers["stem"].weight_quantizer.is_half_range and not layers["dw"].weight_quantizer.is_half_range
+    layers = _layers(nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(8, 8, overflow_fix="disable")))
+    assert not layers["stem"].weight_quantizer.is_half_range
+
+
+def test_dead_channels_get_a_positive_scale(calib_dataset):
+    model = TinyNet(zero_channel=True).eval()
+    layers = _layers(nc.quantize(model, calib_dataset, precision=PrecisionConfig(4, 4)))
+    assert layers["dw"].weight_quantizer.scale.min() >= MIN_WEIGHT_SCALE
+
+
+@pytest.mark.parametrize("kwargs", [{"weight_bits": 3}, {"activation_bits": 2}, {"overflow_fix": "always"}])
+def test_precision_config_validation(kwargs):
+    with pytest.raises(ValueError):
+        PrecisionConfig(**kwargs)
+
+
+def test_bad_inputs_are_clear_errors(tiny_model, calib_data):
+    with pytest.raises(TypeError, match="nncf.Dataset"):
+        nc.quantize(tiny_model, [calib_data])
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        nc.quantize("model", nncf.Dataset([calib_data]))
