@@ -6,7 +6,7 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import nncf
 from torch import nn
@@ -17,7 +17,8 @@ from nncf_calibtip.calibration.data import inference_items
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
 from nncf_calibtip.plan import PrecisionPlan
 
-AlgorithmConfig = Union[AdaQuantConfig]
+#: Configs of the algorithms that run after placement (more join as they are added).
+AlgorithmConfig = AdaQuantConfig
 #: Config class of each algorithm, by the name used in JSON configs.
 ALGORITHM_CONFIGS: dict[str, type] = {"adaquant": AdaQuantConfig}
 

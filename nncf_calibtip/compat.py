@@ -17,33 +17,26 @@ os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
 
 import nncf  # noqa: E402
 from nncf.common.factory import build_graph
-from nncf.common.graph.graph import NNCFGraph
-from nncf.common.graph.graph import NNCFNode
+from nncf.common.graph.graph import NNCFGraph, NNCFNode
 from nncf.common.logging import nncf_logger
 from nncf.common.logging.track_progress import track
 from nncf.common.quantization.quantizer_propagation.structs import QuantizationTrait
 from nncf.common.quantization.structs import QuantizationPreset
 from nncf.common.tensor_statistics.statistic_point import StatisticPointsContainer
-from nncf.common.utils.backend import BackendType
-from nncf.common.utils.backend import get_backend
+from nncf.common.utils.backend import BackendType, get_backend
 from nncf.quantization.advanced_parameters import OverflowFix
 from nncf.quantization.algorithms.algorithm import Algorithm
 from nncf.quantization.algorithms.min_max.algorithm import MinMaxQuantization
 from nncf.quantization.algorithms.pipeline import Pipeline
 from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-from nncf.torch.function_hook import get_hook_storage
-from nncf.torch.function_hook import register_pre_function_hook
-from nncf.torch.function_hook import wrap_model
+from nncf.torch.function_hook import get_hook_storage, register_pre_function_hook, wrap_model
 from nncf.torch.function_hook.graph.graph_utils import TensorMeta
 from nncf.torch.function_hook.nncf_graph.layer_attributes import PT2OpLayerAttributes
 from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import GraphModelWrapper
 from nncf.torch.graph import operator_metatypes as om
 from nncf.torch.quantization.default_quantization import DEFAULT_PT_QUANT_TRAIT_TO_OP_DICT
-from nncf.torch.quantization.layers import AsymmetricQuantizer
-from nncf.torch.quantization.layers import BaseQuantizer
-from nncf.torch.quantization.layers import SymmetricQuantizer
-from nncf.torch.quantization.quantize_functions import asymmetric_quantize
-from nncf.torch.quantization.quantize_functions import symmetric_quantize
+from nncf.torch.quantization.layers import AsymmetricQuantizer, BaseQuantizer, SymmetricQuantizer
+from nncf.torch.quantization.quantize_functions import asymmetric_quantize, symmetric_quantize
 
 TESTED_NNCF_MINOR = "3.4"
 

@@ -160,7 +160,9 @@ def check_ir_against_plan(result: ExportResult, plan: PrecisionPlan) -> list[str
         if layer.weight_bits is not None:
             got[layer.weight_bits] = got.get(layer.weight_bits, 0) + 1
     if want != got:
-        problems.append(f"weight widths in the plan {dict(sorted(want.items()))} != in the IR {dict(sorted(got.items()))}")
+        problems.append(
+            f"weight widths in the plan {dict(sorted(want.items()))} != in the IR {dict(sorted(got.items()))}"
+        )
     for name, p in plan.items():
         module_path = name.split("/")[0]
         matches = [layer for layer in result.layers if f"__module.{module_path}/" in layer.name]

@@ -31,8 +31,11 @@ def test_4bit_weights_are_stored_compressed(tiny_model, calib_dataset, test_data
     w4 = nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(4, 8, keep_first_last_8bit=False))
     r8 = nc.export_openvino(w8, test_data[:1], tmp_path / "w8.xml")
     r4 = nc.export_openvino(w4, test_data[:1], tmp_path / "w4.xml")
-    types = {op.get_element_type().get_type_name() for op in ov.Core().read_model(r4.xml).get_ops()
-             if op.get_type_name() == "Constant"}
+    types = {
+        op.get_element_type().get_type_name()
+        for op in ov.Core().read_model(r4.xml).get_ops()
+        if op.get_type_name() == "Constant"
+    }
     assert "i4" in types
     n_weights = sum(p.numel() for n, p in tiny_model.named_parameters() if n.endswith("weight") and p.dim() > 1)
     assert r8.weight_bytes - r4.weight_bytes >= 0.45 * n_weights

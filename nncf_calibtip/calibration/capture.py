@@ -8,7 +8,7 @@ early layer costs only the part of the network before it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -55,10 +55,8 @@ def capture_input(
     try:
         for item in iterate_on(items, device):
             hook.value = None
-            try:
+            with suppress(_StopForward):
                 call_model(model, item)
-            except _StopForward:
-                pass
             if hook.value is None:
                 msg = f"Operation {op_name} did not run during the forward pass; is it data-dependent?"
                 raise RuntimeError(msg)
@@ -83,5 +81,5 @@ def quantizers_disabled(quantizers: Sequence[compat.BaseQuantizer]) -> Iterator[
     try:
         yield
     finally:
-        for q, s in zip(quantizers, states):
+        for q, s in zip(quantizers, states, strict=False):
             q.enabled[0] = s

@@ -84,3 +84,25 @@ def iterate_on(items: Sequence[Any], device: torch.device) -> Iterator[Any]:
     """Items moved to ``device`` one at a time (the dataset itself stays where it is)."""
     for item in items:
         yield to_device(item, device)
+
+
+def rebatch(items: Sequence[Any], max_samples: int) -> list[Any]:
+    """Join consecutive tensor items into batches of up to ``max_samples`` samples.
+
+    Fewer, larger forward passes cost much less than many small ones when a model runs with
+    NNCF's hooks. Items that are not plain tensors of one shape are returned unchanged.
+    """
+    if not items or not all(isinstance(i, torch.Tensor) and i.dim() > 0 for i in items):
+        return list(items)
+    if len({tuple(i.shape[1:]) for i in items}) != 1:
+        return list(items)
+    out, group, size = [], [], 0
+    for item in items:
+        if group and size + len(item) > max_samples:
+            out.append(torch.cat(group))
+            group, size = [], 0
+        group.append(item)
+        size += len(item)
+    if group:
+        out.append(torch.cat(group))
+    return out

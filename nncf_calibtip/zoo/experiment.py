@@ -72,7 +72,7 @@ def measure(
     """
     lat = evaluation.latencies_ms([e["xml"] for e in entries], x_test[:1], rounds=latency_rounds)
     rows = []
-    for e, times in zip(entries, lat):
+    for e, times in zip(entries, lat, strict=False):
         rows.append(
             Row(
                 method=e["method"],

@@ -11,7 +11,10 @@ import torch
 from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerReport
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
-from nncf_calibtip.calibration.data import count_samples, inference_items, resolve_device
+from nncf_calibtip.calibration.data import count_samples, inference_items, rebatch, resolve_device
+
+#: Samples per forward pass when capturing a layer's inputs.
+_CAPTURE_BATCH = 256
 
 
 class AdaQuant(compat.Algorithm):
@@ -73,6 +76,7 @@ class AdaQuant(compat.Algorithm):
                 f"outside the held-out {cfg.holdout_fraction:.0%}. Give more samples or lower batch_size."
             )
             raise ValueError(msg)
+        items = rebatch(items, _CAPTURE_BATCH)
         backend = self._backend(model)
         layers = backend.find_layers(model, graph)
         if not layers:

@@ -22,6 +22,8 @@ class LayerReport:
     :param error_after: Error after AdaQuant.
     :param kept: False when AdaQuant did not lower the held-out error and the layer was left
         at round-to-nearest.
+    :param capture_s: Seconds spent running the model to get the layer's inputs and targets.
+    :param optimize_s: Seconds spent optimising the layer.
     """
 
     name: str
@@ -30,6 +32,8 @@ class LayerReport:
     error_before: float
     error_after: float
     kept: bool
+    capture_s: float = 0.0
+    optimize_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

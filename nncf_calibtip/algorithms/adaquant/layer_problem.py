@@ -27,11 +27,19 @@ class _Tensors:
     bn: dict[int, torch.Tensor]
 
 
-def _quantize_input(q: compat.BaseQuantizer, x: torch.Tensor, low_shift: torch.Tensor, range_scale: torch.Tensor,
-                    low0: torch.Tensor, range0: torch.Tensor) -> torch.Tensor:
+def _quantize_input(
+    q: compat.BaseQuantizer,
+    x: torch.Tensor,
+    low_shift: torch.Tensor,
+    range_scale: torch.Tensor,
+    low0: torch.Tensor,
+    range0: torch.Tensor,
+) -> torch.Tensor:
     if isinstance(q, compat.AsymmetricQuantizer):
         low = low0 + range0 * low_shift
-        return compat.asymmetric_quantize(x, q.levels, q.level_low, q.level_high, low, range0 * (1 + range_scale), q.eps)
+        return compat.asymmetric_quantize(
+            x, q.levels, q.level_low, q.level_high, low, range0 * (1 + range_scale), q.eps
+        )
     return compat.symmetric_quantize(x, q.levels, q.level_low, q.level_high, range0 * (1 + range_scale), q.eps)
 
 
@@ -159,8 +167,13 @@ class LayerProblem:
     def reset(self) -> None:
         """Back to round-to-nearest (all changes zero)."""
         with torch.no_grad():
-            for t in (self.delta_w, self.delta_scale, self.delta_b, getattr(self, "low_shift", None),
-                      getattr(self, "range_scale", None)):
+            for t in (
+                self.delta_w,
+                self.delta_scale,
+                self.delta_b,
+                getattr(self, "low_shift", None),
+                getattr(self, "range_scale", None),
+            ):
                 if t is not None:
                     t.zero_()
 

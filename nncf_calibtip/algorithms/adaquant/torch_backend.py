@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
         train_input_range: bool,
         layer_index: int,
     ) -> LayerReport:
+        t0 = time.perf_counter()
         problem_holder: list[LayerProblem] = []
 
         def fp_target(x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +96,9 @@ class PTAdaQuantBackend(AdaQuantBackend):
         else:
             inputs = capture_input(session.fp_model, layer.name, items, session.device)
             with torch.no_grad():
-                targets = torch.cat([fp_target(inputs[i : i + _EVAL_CHUNK]) for i in range(0, len(inputs), _EVAL_CHUNK)])
+                targets = torch.cat(
+                    [fp_target(inputs[i : i + _EVAL_CHUNK]) for i in range(0, len(inputs), _EVAL_CHUNK)]
+                )
         n = len(inputs)
         n_hold = int(round(n * config.holdout_fraction))
         if n_hold >= n:
@@ -102,6 +106,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
         n_train = n - n_hold
         report_x, report_y = (inputs[n_train:], targets[n_train:]) if n_hold else (inputs, targets)
         before = _relative_error(problem, report_x, report_y)
+        t1 = time.perf_counter()
 
         groups = problem.trainable()
         if groups and config.iters > 0:
@@ -111,7 +116,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
             bs = min(config.batch_size, n_train)
             for step in range(config.iters):
                 f = cosine_lr(step, config.iters)
-                for g, lr in zip(opt.param_groups, base):
+                for g, lr in zip(opt.param_groups, base, strict=False):
                     g["lr"] = lr * f
                 idx = torch.randint(0, n_train, (bs,), generator=gen).to(session.device)
                 loss = (problem.quantized_output(inputs[idx]) - targets[idx]).pow(2).mean()
@@ -132,6 +137,8 @@ class PTAdaQuantBackend(AdaQuantBackend):
             error_before=before,
             error_after=after,
             kept=kept,
+            capture_s=t1 - t0,
+            optimize_s=time.perf_counter() - t1,
         )
 
 

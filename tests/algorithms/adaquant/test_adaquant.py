@@ -92,8 +92,15 @@ def test_too_small_calibration_set_is_an_error(tiny_model, calib_data):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"mode": "greedy"}, {"iters": 0}, {"batch_size": -1}, {"lr_weight": -1.0}, {"holdout_fraction": 0.7},
-     {"device": "tpu"}, {"max_weight_change": 0.0}],
+    [
+        {"mode": "greedy"},
+        {"iters": 0},
+        {"batch_size": -1},
+        {"lr_weight": -1.0},
+        {"holdout_fraction": 0.7},
+        {"device": "tpu"},
+        {"max_weight_change": 0.0},
+    ],
 )
 def test_config_validation(kwargs):
     with pytest.raises(ValueError):

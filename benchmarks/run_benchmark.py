@@ -1,0 +1,159 @@
+"""Benchmark: FP32, NNCF INT8, round-to-nearest and AdaQuant at W8A8 / W4A8 / W4A4 on one model.
+
+    python benchmarks/run_benchmark.py --model resnet20
+    python benchmarks/run_benchmark.py --model efficientnet_lite0
+
+Each quantization runs in its own process (so its calibration time and peak RSS are its own),
+exports an IR, and then all IRs are measured in this process: accuracy on the 10,000 held-out
+test images (OpenVINO CPU, f32 precision hint), IR size, and batch-1 latency measured side by
+side in interleaved rounds. Writes ``benchmarks/results/<model>.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nncf
+import torch
+
+import nncf_calibtip as nc
+from nncf_calibtip import evaluation
+from nncf_calibtip.zoo import experiment
+from nncf_calibtip.zoo.task import Task
+
+ROOT = Path(__file__).resolve().parent.parent
+BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
+
+
+def row_names(model: str) -> list[str]:
+    names = ["fp32", "nncf_int8"]
+    for b in BITS:
+        names += [f"rtn_{b}", f"adaquant_parallel_{b}", f"adaquant_sequential_{b}"]
+    # Our AdaQuant with the reference schedule (1000 Adam steps of 50 samples per layer): the
+    # speed baseline, measured on this machine in this run.
+    names.append("adaquant_sequential_W4A4_1000steps")
+    return names
+
+
+def load_task(model: str, with_test: bool) -> Task:
+    if model == "resnet20":
+        from nncf_calibtip.zoo import resnet
+
+        return resnet.task(with_test=with_test)
+    if model == "efficientnet_lite0":
+        from nncf_calibtip.zoo import efficientnet
+
+        return efficientnet.task(with_test=with_test)
+    msg = f"Unknown model {model!r}; use resnet20 or efficientnet_lite0."
+    raise ValueError(msg)
+
+
+def quantize_row(model_name: str, row: str, work: Path, calibration_size: int) -> dict:
+    """Quantize and export one row (runs in a child process)."""
+    task = load_task(model_name, with_test=False)
+    example = torch.from_numpy(task.calibration_pool[:1])
+    shape = [(-1, *example.shape[1:])]
+    xml = work / f"{row}.xml"
+    if row == "fp32":
+        experiment.export_fp32(task.model, example, xml)
+        return {"method": "FP32", "xml": str(xml), "calib_s": 0.0, "peak_rss_mb": experiment.peak_rss_mb()}
+    calib = experiment.calibration_dataset(task.calibration_pool, calibration_size)
+    start = time.perf_counter()
+    if row == "nncf_int8":
+        # NNCF's own INT8 post-training quantization with its defaults (300 samples, batch 1).
+        per_sample = nncf.Dataset([t[i : i + 1] for t in calib.get_inference_data() for i in range(len(t))])
+        quantized = nncf.quantize(task.model, per_sample)
+        bits: tuple[int | None, int | None] = (8, 8)
+        method = "NNCF INT8 (nncf.quantize defaults)"
+    else:
+        kind, _, label = row.partition("_W")
+        label = "W" + label.split("_")[0]
+        bits = BITS[label]
+        algorithms = ()
+        if kind.startswith("adaquant"):
+            mode = kind.split("_")[1]
+            cfg = nc.AdaQuantConfig(mode=mode)
+            if row.endswith("_1000steps"):
+                cfg = nc.AdaQuantConfig(mode=mode, iters=1000, batch_size=50)
+            algorithms = (cfg,)
+        config = nc.QuantizationConfig(
+            precision=nc.PrecisionConfig(*bits), algorithms=algorithms, subset_size=calibration_size
+        )
+        quantized = nc.quantize(task.model, calib, config)
+        method = {"rtn": "round-to-nearest (MinMax)"}.get(kind, f"AdaQuant {kind.split('_')[1]}")
+        if row.endswith("_1000steps"):
+            method += " (1000 steps x 50, reference schedule)"
+    calib_s = time.perf_counter() - start
+    nc.export_openvino(quantized, example, xml, input_shape=shape)
+    return {
+        "method": method,
+        "weight_bits": bits[0],
+        "activation_bits": bits[1],
+        "xml": str(xml),
+        "calib_s": calib_s,
+        "peak_rss_mb": experiment.peak_rss_mb(),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, choices=("resnet20", "efficientnet_lite0"))
+    p.add_argument("--rows", nargs="*", help="subset of rows (default: all)")
+    p.add_argument("--calibration-size", type=int, default=1024)
+    p.add_argument("--work", type=Path, default=ROOT / "out" / "benchmarks")
+    p.add_argument("--one-row", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    work = args.work / args.model
+    work.mkdir(parents=True, exist_ok=True)
+    if args.one_row:
+        result = quantize_row(args.model, args.one_row, work, args.calibration_size)
+        (work / f"{args.one_row}.json").write_text(json.dumps(result))
+        return
+
+    rows = args.rows or row_names(args.model)
+    load_task(args.model, with_test=False)  # trains / caches the model once, before the children
+    entries = []
+    for row in rows:
+        print(f"[{time.strftime('%H:%M:%S')}] {row}", flush=True)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--model",
+            args.model,
+            "--one-row",
+            row,
+            "--work",
+            str(args.work),
+            "--calibration-size",
+            str(args.calibration_size),
+        ]
+        subprocess.run(cmd, check=True)
+        entries.append(json.loads((work / f"{row}.json").read_text()))
+    task = load_task(args.model, with_test=True)
+    measured = experiment.measure(entries, task.x_test, task.y_test)
+    fp = next((r.accuracy for r in measured if r.method == "FP32"), None)
+    table = experiment.table(measured, baseline=fp)
+    print(table)
+    extra = {
+        "command": f"python benchmarks/run_benchmark.py --model {args.model}",
+        "calibration_samples": args.calibration_size,
+        "test_samples": int(len(task.y_test)),
+        "cpu": evaluation.cpu_description(),
+        "torch": torch.__version__,
+        "nncf": nncf.__version__,
+        "openvino": __import__("openvino").__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    out = ROOT / "benchmarks" / "results" / f"{args.model}.json"
+    experiment.write_results(out, args.model, task.dataset, measured, extra)
+    (out.with_suffix(".md")).write_text(table + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
