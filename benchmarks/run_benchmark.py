@@ -85,7 +85,7 @@ def quantize_row(model_name: str, row: str, work: Path, calibration_size: int) -
             precision=nc.PrecisionConfig(*bits), algorithms=algorithms, subset_size=calibration_size
         )
         quantized = nc.quantize(task.model, calib, config)
-        method = {"rtn": "round-to-nearest (MinMax)"}.get(kind, f"AdaQuant {kind.split('_')[1]}")
+        method = "round-to-nearest (MinMax)" if kind == "rtn" else f"AdaQuant {kind.split('_')[1]}"
         if row.endswith("_1000steps"):
             method += " (1000 steps x 50, reference schedule)"
     calib_s = time.perf_counter() - start

@@ -7,7 +7,7 @@ early layer costs only the part of the network before it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from typing import Any
 
@@ -23,47 +23,51 @@ class _StopForward(Exception):
 
 
 class _CaptureHook(nn.Module):
-    def __init__(self) -> None:
+    """Records its input; raises :class:`_StopForward` once every hook of its group has fired."""
+
+    def __init__(self, group: list[_CaptureHook] | None = None) -> None:
         super().__init__()
         self.value: torch.Tensor | None = None
+        self._group = group if group is not None else [self]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.value = x.detach()
-        raise _StopForward
+        if all(h.value is not None for h in self._group):
+            raise _StopForward
+        return x
 
 
 @torch.no_grad()
-def capture_input(
-    model: nn.Module,
-    op_name: str,
-    items: Sequence[Any],
-    device: torch.device,
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Inputs at port 0 of ``op_name`` for every item, concatenated along the batch axis.
-
-    :param model: An NNCF-wrapped model.
-    :param op_name: Graph node name of the operation.
-    :param items: Model inputs (``nncf.Dataset`` items).
-    :param device: Where the model runs and the result is kept.
-    :param transform: Applied to each captured batch before it is stored (e.g. to compute a
-        target and drop the input).
-    """
-    hook = _CaptureHook()
-    handle = compat.register_pre_function_hook(model, op_name, 0, hook)
-    chunks = []
+def capture_inputs(
+    model: nn.Module, op_names: Sequence[str], items: Sequence[Any], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Inputs at port 0 of several operations in one pass per item (stopping after the last)."""
+    group: list[_CaptureHook] = []
+    hooks = {name: _CaptureHook(group) for name in op_names}
+    group.extend(hooks.values())
+    handles = [compat.register_pre_function_hook(model, name, 0, hook) for name, hook in hooks.items()]
+    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in op_names}
     try:
         for item in iterate_on(items, device):
-            hook.value = None
+            for hook in group:
+                hook.value = None
             with suppress(_StopForward):
                 call_model(model, item)
-            if hook.value is None:
-                msg = f"Operation {op_name} did not run during the forward pass; is it data-dependent?"
-                raise RuntimeError(msg)
-            chunks.append(transform(hook.value) if transform else hook.value)
+            for name, hook in hooks.items():
+                if hook.value is None:
+                    msg = f"Operation {name} did not run during the forward pass; is it data-dependent?"
+                    raise RuntimeError(msg)
+                chunks[name].append(hook.value)
     finally:
-        handle.remove()
-    return torch.cat(chunks)
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(c) for name, c in chunks.items()}
+
+
+def capture_input(model: nn.Module, op_name: str, items: Sequence[Any], device: torch.device) -> torch.Tensor:
+    """Inputs at port 0 of ``op_name`` for every item, concatenated along the batch axis; each
+    forward pass stops there, so reaching an early layer costs only the layers before it."""
+    return capture_inputs(model, [op_name], items, device)[op_name]
 
 
 def all_quantizers(model: nn.Module) -> Iterator[compat.BaseQuantizer]:

@@ -47,8 +47,10 @@ class AdaQuantBackend(ABC):
         """Quantized layers in execution order (objects with ``name``, ``input_quantizer_key``)."""
 
     @abstractmethod
-    def start(self, model: Any, device: Any) -> Any:
-        """Prepare a calibration session (device placement, FP reference)."""
+    def start(
+        self, model: Any, device: Any, layers: Sequence[Any], items: Sequence[Any], config: AdaQuantConfig
+    ) -> Any:
+        """Prepare a calibration session (device placement, FP reference, FP input cache)."""
 
     @abstractmethod
     def calibrate_layer(

@@ -37,6 +37,9 @@ class AdaQuantConfig:
         report each layer's reconstruction error before and after, and to keep the
         round-to-nearest result of a layer AdaQuant did not improve.
     :param subset_size: Calibration samples used at most.
+    :param fp_cache_mb: Memory for FP layer inputs captured ahead in one pass (the FP model
+        does not change, so one pass can serve several layers). Peak memory is this plus the
+        current layer's data, whatever the depth; 0 captures one layer per pass.
     :param seed: Seed of the mini-batch sampling; the same seed gives the same model.
     :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
     """
@@ -54,6 +57,7 @@ class AdaQuantConfig:
     optimize_activation_range: bool = True
     holdout_fraction: float = 0.1
     subset_size: int = 1024
+    fp_cache_mb: int = 1024
     seed: int = 0
     device: str = "auto"
 
@@ -69,6 +73,9 @@ class AdaQuantConfig:
             if not getattr(self, name) >= 0:
                 msg = f"{name}={getattr(self, name)!r} must be a non-negative number."
                 raise ValueError(msg)
+        if not isinstance(self.fp_cache_mb, int) or self.fp_cache_mb < 0:
+            msg = f"fp_cache_mb={self.fp_cache_mb!r} must be a non-negative integer."
+            raise ValueError(msg)
         if self.max_weight_change is not None and not self.max_weight_change > 0:
             msg = f"max_weight_change={self.max_weight_change!r} must be positive or None."
             raise ValueError(msg)

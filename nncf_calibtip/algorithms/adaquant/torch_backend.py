@@ -16,6 +16,7 @@ from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerRepo
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
 from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem, cosine_lr
 from nncf_calibtip.calibration.capture import all_quantizers, capture_input, quantizers_disabled
+from nncf_calibtip.calibration.input_cache import FPInputCache, input_bytes_per_sample
 from nncf_calibtip.quantized_layers import QuantizedLayer, call_op, find_quantized_layers
 
 #: Samples per chunk when evaluating a whole cached set (bounds temporary memory).
@@ -29,6 +30,7 @@ class _Session:
     device: torch.device
     original_device: torch.device
     tensors: dict[str, torch.Tensor]
+    fp_inputs: FPInputCache
 
 
 def _relative_error(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -48,7 +50,14 @@ class PTAdaQuantBackend(AdaQuantBackend):
     def find_layers(self, model: Any, graph: compat.NNCFGraph) -> list[QuantizedLayer]:
         return find_quantized_layers(_torch_model(model), graph)
 
-    def start(self, model: Any, device: torch.device) -> _Session:
+    def start(
+        self,
+        model: Any,
+        device: torch.device,
+        layers: Sequence[QuantizedLayer],
+        items: Sequence[Any],
+        config: AdaQuantConfig,
+    ) -> _Session:
         torch_model = _torch_model(model)
         original = next(torch_model.parameters()).device
         torch_model.to(device).eval()
@@ -59,7 +68,15 @@ class PTAdaQuantBackend(AdaQuantBackend):
             q.enabled[0] = 0
         tensors = dict(torch_model.named_parameters())
         tensors.update(dict(torch_model.named_buffers()))
-        return _Session(torch_model, fp_model, device, original, tensors)
+        cache = FPInputCache(
+            fp_model,
+            [layer.name for layer in layers],
+            [input_bytes_per_sample(layer.node) for layer in layers],
+            items,
+            device,
+            config.fp_cache_mb * 2**20,
+        )
+        return _Session(torch_model, fp_model, device, original, tensors, cache)
 
     def finish(self, session: _Session) -> None:
         session.model.to(session.original_device)
@@ -75,30 +92,25 @@ class PTAdaQuantBackend(AdaQuantBackend):
         layer_index: int,
     ) -> LayerReport:
         t0 = time.perf_counter()
-        problem_holder: list[LayerProblem] = []
-
-        def fp_target(x: torch.Tensor) -> torch.Tensor:
-            return problem_holder[0].fp_output(x)
-
-        # Target: the FP layer on FP inputs; its input (and so its RMS) from the FP model.
-        x_fp = capture_input(session.fp_model, layer.name, items[:1], session.device)
+        # Target: the FP layer (with its BatchNorm and activation) on the FP model's input.
+        x_fp = session.fp_inputs.pop(layer.name)
         with torch.no_grad():
-            y0 = _layer_only_output(layer, session.tensors, x_fp)
+            y0 = _layer_only_output(layer, session.tensors, x_fp[:_EVAL_CHUNK])
         problem = LayerProblem(layer, session.tensors, config, train_input_range, float(y0.pow(2).mean().sqrt()))
-        problem_holder.append(problem)
-        del x_fp, y0
+        del y0
+        with torch.no_grad():
+            targets = torch.cat(
+                [problem.fp_output(x_fp[i : i + _EVAL_CHUNK]) for i in range(0, len(x_fp), _EVAL_CHUNK)]
+            )
         if config.mode == "sequential":
-            targets = capture_input(session.fp_model, layer.name, items, session.device, transform=fp_target)
-            # The layer's own input quantizer is applied by the problem, so it is off here.
+            del x_fp
+            # Input from the quantized model as it is now; the layer's own input quantizer is
+            # applied by the problem, so it is off here.
             off = [layer.input_quantizer] if layer.input_quantizer is not None else []
             with quantizers_disabled(off):
                 inputs = capture_input(session.model, layer.name, items, session.device)
         else:
-            inputs = capture_input(session.fp_model, layer.name, items, session.device)
-            with torch.no_grad():
-                targets = torch.cat(
-                    [fp_target(inputs[i : i + _EVAL_CHUNK]) for i in range(0, len(inputs), _EVAL_CHUNK)]
-                )
+            inputs = x_fp
         n = len(inputs)
         n_hold = int(round(n * config.holdout_fraction))
         if n_hold >= n:
