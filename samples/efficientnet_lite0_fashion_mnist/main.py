@@ -1,4 +1,4 @@
-"""Quantize EfficientNet-Lite0 (ImageNet weights, Fashion-MNIST linear head, 128 px) with AdaQuant,
+"""Quantize EfficientNet-Lite0 (ImageNet weights, Fashion-MNIST linear head, 64 px) with AdaQuant,
 export it to OpenVINO IR and compare it with the FP32 IR on the 10,000 test images.
 
     python samples/efficientnet_lite0_fashion_mnist/main.py                 # W4A4, sequential
