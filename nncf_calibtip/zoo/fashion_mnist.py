@@ -30,7 +30,7 @@ def read_idx(path: Path) -> np.ndarray:
         data = f.read()
     ndim = data[3]
     dims = np.frombuffer(data, ">u4", ndim, 4)
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims).copy()
 
 
 @dataclass(frozen=True)
