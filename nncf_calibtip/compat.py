@@ -16,6 +16,7 @@ import re
 os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
 
 import nncf  # noqa: E402
+import torch  # noqa: E402
 from nncf.common.factory import build_graph
 from nncf.common.graph.graph import NNCFGraph, NNCFNode
 from nncf.common.logging import nncf_logger
@@ -78,6 +79,25 @@ def is_hook_node(node: NNCFNode) -> bool:
     return bool(_HOOK_NODE.search(node.node_name))
 
 
+def set_quantizer_bits(quantizer: BaseQuantizer, bits: int, *, narrow_range: bool, half_range: bool) -> None:
+    """Give an NNCF quantizer another bit width (NNCF's MinMax only places 8-bit ones).
+
+    :param narrow_range: Symmetric grid without its lowest level (-127..127 at 8 bits).
+    :param half_range: NNCF's overflow fix: use one bit less, export with the full width.
+    """
+    quantizer.num_bits = bits
+    quantizer._narrow_range = narrow_range
+    quantizer._half_range = half_range
+    quantizer.set_levels()
+
+
+def store_quantizer_range(quantizer: BaseQuantizer, value: torch.Tensor) -> None:
+    """Write a symmetric quantizer's scale or an asymmetric quantizer's range in place."""
+    attr = "_input_range_param_storage" if isinstance(quantizer, AsymmetricQuantizer) else "_scale_param_storage"
+    storage = getattr(quantizer, attr)
+    storage.data.copy_(value.log() if quantizer._is_using_log_scale_storage else value)
+
+
 def nncf_version_ok() -> bool:
     """Whether the installed NNCF has the minor version these imports were written for."""
     return nncf.__version__.startswith(TESTED_NNCF_MINOR + ".")
@@ -121,6 +141,8 @@ __all__ = [
     "is_hook_node",
     "nncf_logger",
     "register_pre_function_hook",
+    "set_quantizer_bits",
+    "store_quantizer_range",
     "symmetric_quantize",
     "track",
     "wrap_model",

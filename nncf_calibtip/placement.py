@@ -128,27 +128,22 @@ def effective_plan(layers: list[QuantizedLayer], plan: PrecisionPlan) -> Precisi
     return PrecisionPlan(out)
 
 
-def _set_bits(quantizer: compat.BaseQuantizer, bits: int, *, is_weight: bool, half_range: bool) -> None:
-    quantizer.num_bits = bits
-    if is_weight:
-        # Low-bit weights use the full signed grid (-8..7 at 4 bits): one more level than the
-        # narrow grid NNCF uses at 8 bits, which matters at 4 and decides at 2 bits.
-        quantizer._narrow_range = bits == 8
-        quantizer._half_range = half_range and bits == 8
-    quantizer.set_levels()
-
-
 def apply_plan(model: torch.nn.Module, layers: list[QuantizedLayer], plan: PrecisionPlan, overflow_fix: str) -> None:
     """Set every layer's quantizer bits from ``plan`` (in place)."""
     for layer in layers:
         p = plan[layer.name]
         half = overflow_fix == "enable" or (overflow_fix == "first_layer" and layer.is_first)
-        _set_bits(layer.weight_quantizer, p.weight_bits, is_weight=True, half_range=half)
+        # Low-bit weights use the full signed grid (-8..7 at 4 bits): one more level than the
+        # narrow grid NNCF uses at 8 bits, which matters at 4 and decides at 2 bits.
+        low = p.weight_bits < 8
+        wq = layer.weight_quantizer
+        compat.set_quantizer_bits(wq, p.weight_bits, narrow_range=not low, half_range=half and not low)
         with torch.no_grad():
             scale = layer.weight_quantizer.scale
             scale.copy_(scale.abs().clamp_min(MIN_WEIGHT_SCALE))
         if layer.input_quantizer is not None:
-            _set_bits(layer.input_quantizer, p.activation_bits, is_weight=False, half_range=False)
+            iq = layer.input_quantizer
+            compat.set_quantizer_bits(iq, p.activation_bits, narrow_range=iq.narrow_range, half_range=False)
 
 
 PLAN_ATTRIBUTE = "_calibtip_plan"

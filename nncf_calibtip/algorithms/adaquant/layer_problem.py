@@ -191,14 +191,7 @@ class LayerProblem:
             new_range = (self.range0 * (1 + self.range_scale)).abs()
             if isinstance(iq, compat.AsymmetricQuantizer):
                 iq.input_low.copy_(self.low0 + self.range0 * self.low_shift)
-                _store(iq, "_input_range_param_storage", new_range)
-            else:
-                _store(iq, "_scale_param_storage", new_range)
-
-
-def _store(q: compat.BaseQuantizer, attr: str, value: torch.Tensor) -> None:
-    storage = getattr(q, attr)
-    storage.copy_(value.log() if q._is_using_log_scale_storage else value)
+            compat.store_quantizer_range(iq, new_range)
 
 
 def cosine_lr(step: int, total: int) -> float:
