@@ -1,12 +1,9 @@
 #!/usr/bin/env bash
-# Install nncf-calibtip with its test extras into .venv and run the default (fast) test suite.
-# Slow tests (real models) run with: .venv/bin/python -m pytest -m slow
+# Install nncf-calibtip with its test extras into .venv, then lint and run the default (fast)
+# test suite. Slow tests (real models) run with: .venv/bin/python -m pytest -m slow
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/python -m pip install -q -e ".[test]"
+bash scripts/setup_venv.sh test
 # NNCF compiles its fake-quantize C++ extension on first use; build it once up front so no
 # test pays (or times out on) the build.
 NNCF_EXTENSION_LOAD_TIMEOUT=1200 .venv/bin/python -c \
