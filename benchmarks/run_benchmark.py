@@ -140,7 +140,7 @@ def main() -> None:
     table = experiment.table(measured, baseline=fp)
     print(table)
     extra = {
-        "command": f"python benchmarks/run_benchmark.py --model {args.model}",
+        "command": "python benchmarks/run_benchmark.py " + " ".join(sys.argv[1:]),
         "calibration_samples": args.calibration_size,
         "test_samples": int(len(task.y_test)),
         "cpu": evaluation.cpu_description(),
