@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from itertools import islice
 from typing import Any
 
 import nncf
@@ -65,7 +64,7 @@ def inference_items(dataset: nncf.Dataset, subset_size: int | None) -> list[Any]
     """
     items: list[Any] = []
     seen = 0
-    for item in islice(dataset.get_inference_data(), None):
+    for item in dataset.get_inference_data():
         items.append(item)
         seen += batch_size_of(item)
         if subset_size is not None and seen >= subset_size:

@@ -136,13 +136,14 @@ def load_pretrained(train_if_missing: bool = True) -> ResNet20:
 def task(train_if_missing: bool = True, with_test: bool = True) -> Task:
     """The trained model with its calibration pool (training images) and held-out test set."""
     data = fashion_mnist.load()
+    n_test = len(data.y_test) if with_test else 0
     return Task(
         name="resnet20",
         dataset="fashion_mnist",
         model=load_pretrained(train_if_missing),
         calibration_pool=fashion_mnist.normalize(data.x_train),
-        x_test=fashion_mnist.normalize(data.x_test) if with_test else fashion_mnist.normalize(data.x_test[:0]),
-        y_test=data.y_test.astype(np.int64) if with_test else data.y_test[:0].astype(np.int64),
+        x_test=fashion_mnist.normalize(data.x_test[:n_test]),
+        y_test=data.y_test[:n_test].astype(np.int64),
     )
 
 
