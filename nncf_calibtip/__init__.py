@@ -10,6 +10,7 @@ Public face::
 """
 
 from nncf_calibtip.algorithms.adaquant import AdaQuant, AdaQuantConfig, LayerReport
+from nncf_calibtip.algorithms.bn_tuning import BNTuning, BNTuningConfig, ChannelStatsReport
 from nncf_calibtip.api import QuantizationConfig, QuantizationResult, build_pipeline, get_result, quantize
 from nncf_calibtip.export import ExportResult, check_ir_against_plan, export_openvino
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, get_plan
@@ -20,6 +21,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AdaQuant",
     "AdaQuantConfig",
+    "BNTuning",
+    "BNTuningConfig",
+    "ChannelStatsReport",
     "ExportResult",
     "LayerPrecision",
     "LayerReport",

@@ -13,14 +13,17 @@ from torch import nn
 
 from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant import AdaQuant, AdaQuantConfig
+from nncf_calibtip.algorithms.bn_tuning import BNTuning, BNTuningConfig
 from nncf_calibtip.calibration.data import inference_items
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
 from nncf_calibtip.plan import PrecisionPlan
 
-#: Configs of the algorithms that run after placement (more join as they are added).
-AlgorithmConfig = AdaQuantConfig
+#: Configs of the algorithms that run after placement.
+AlgorithmConfig = AdaQuantConfig | BNTuningConfig
 #: Config class of each algorithm, by the name used in JSON configs.
-ALGORITHM_CONFIGS: dict[str, type] = {"adaquant": AdaQuantConfig}
+ALGORITHM_CONFIGS: dict[str, type] = {"adaquant": AdaQuantConfig, "bn_tuning": BNTuningConfig}
+#: The NNCF algorithm each config builds.
+ALGORITHM_CLASSES: dict[type, type] = {AdaQuantConfig: AdaQuant, BNTuningConfig: BNTuning}
 
 
 @dataclass(frozen=True)
@@ -141,8 +144,7 @@ def build_pipeline(
     setup = PrecisionSetup(config.precision, plan)
     algorithms: list[compat.Algorithm] = [setup]
     for a in config.algorithms:
-        if isinstance(a, AdaQuantConfig):
-            algorithms.append(AdaQuant(a))
+        algorithms.append(ALGORITHM_CLASSES[type(a)](a))
     subset = min_max_subset_size or config.subset_size
     steps = [[min_max_algorithm(config.precision, subset, ignored_scope)], [setup]]
     steps += [[a] for a in algorithms[1:]]
@@ -194,10 +196,14 @@ def quantize(
     quantized = result.model if isinstance(result, compat.GraphModelWrapper) else result
     setup = algorithms[0]
     out = QuantizationResult(plan=setup.applied_plan)
+    names = {cls: name for name, cls in ALGORITHM_CONFIGS.items()}
     for a in algorithms[1:]:
-        if isinstance(a, AdaQuant):
-            out.reports["adaquant"] = [r.to_dict() for r in a.reports]
-            out.seconds["adaquant"] = a.calibration_seconds
+        name = names[type(a.config)]
+        key, i = name, 2
+        while key in out.reports:  # the same algorithm twice in one recipe
+            key, i = f"{name}_{i}", i + 1
+        out.reports[key] = [r.to_dict() for r in a.reports]
+        out.seconds[key] = a.calibration_seconds
     setattr(quantized, RESULT_ATTRIBUTE, out)
     return quantized
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 # NNCF compiles its fake-quantize C++ extension on first use and gives up after 60 s; on a
 # busy 2-core machine the first build takes longer. A user's own setting wins.
@@ -30,7 +31,13 @@ from nncf.quantization.algorithms.algorithm import Algorithm
 from nncf.quantization.algorithms.min_max.algorithm import MinMaxQuantization
 from nncf.quantization.algorithms.pipeline import Pipeline
 from nncf.quantization.range_estimator import RangeEstimatorParametersSet
-from nncf.torch.function_hook import get_hook_storage, register_pre_function_hook, wrap_model
+from nncf.torch.function_hook import (
+    get_hook_storage,
+    is_wrapped,
+    register_post_function_hook,
+    register_pre_function_hook,
+    wrap_model,
+)
 from nncf.torch.function_hook.graph.graph_utils import TensorMeta
 from nncf.torch.function_hook.nncf_graph.layer_attributes import PT2OpLayerAttributes
 from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import GraphModelWrapper
@@ -66,6 +73,7 @@ ACTIVATION_METATYPES = (
 )
 #: Operations a quantizer commutes with (NNCF propagates quantizers through them).
 QUANTIZATION_AGNOSTIC_METATYPES = tuple(DEFAULT_PT_QUANT_TRAIT_TO_OP_DICT[QuantizationTrait.QUANTIZATION_AGNOSTIC])
+LINEAR_METATYPE = om.PTLinearMetatype
 CONST_METATYPE = om.PTConstNoopMetatype
 INPUT_METATYPE = om.PTInputNoopMetatype
 OUTPUT_METATYPE = om.PTOutputNoopMetatype
@@ -98,6 +106,16 @@ def store_quantizer_range(quantizer: BaseQuantizer, value: torch.Tensor) -> None
     storage.data.copy_(value.log() if quantizer._is_using_log_scale_storage else value)
 
 
+def register_first_post_function_hook(model: torch.nn.Module, op_name: str, port_id: int, hook: torch.nn.Module) -> Any:
+    """Like NNCF's ``register_post_function_hook``, but ``hook`` runs before the hooks already
+    there (e.g. sees a layer's output before the quantizer placed on it). Their names stay."""
+    handle = register_post_function_hook(model, op_name, port_id, hook)
+    hooks = get_hook_storage(model).post_hooks[handle.key]
+    for hook_id in [k for k in hooks if k != handle.id]:
+        hooks[hook_id] = hooks.pop(hook_id)  # re-insert after the new hook, same id
+    return handle
+
+
 def nncf_version_ok() -> bool:
     """Whether the installed NNCF has the minor version these imports were written for."""
     return nncf.__version__.startswith(TESTED_NNCF_MINOR + ".")
@@ -119,6 +137,7 @@ __all__ = [
     "CONST_METATYPE",
     "GraphModelWrapper",
     "INPUT_METATYPE",
+    "LINEAR_METATYPE",
     "MinMaxQuantization",
     "NNCFGraph",
     "NNCFNode",
@@ -139,7 +158,10 @@ __all__ = [
     "get_backend",
     "get_hook_storage",
     "is_hook_node",
+    "is_wrapped",
     "nncf_logger",
+    "register_first_post_function_hook",
+    "register_post_function_hook",
     "register_pre_function_hook",
     "set_quantizer_bits",
     "store_quantizer_range",

@@ -19,6 +19,7 @@ import openvino as ov
 import torch
 from torch import nn
 
+from nncf_calibtip import compat
 from nncf_calibtip.placement import get_plan
 from nncf_calibtip.plan import PrecisionPlan
 
@@ -103,6 +104,29 @@ def _atomic_save(ov_model: ov.Model, xml: Path, compress_to_fp16: bool) -> None:
         os.replace(tmp_xml, xml)
 
 
+def _weights_on_grid(model: nn.Module, example_input: Any) -> nn.Module:
+    """A copy of a quantized model whose weights are their own quantized values.
+
+    The quantized model does not change (quantizing a grid point gives it back), but OpenVINO
+    then folds the same integers torch uses: a raw weight within float error of a rounding
+    midpoint could otherwise round the other way in OpenVINO's compression.
+    """
+    if not compat.is_wrapped(model):
+        return model
+    from nncf_calibtip.calibration.fp_reference import copy_without_fp_state
+    from nncf_calibtip.quantized_layers import find_quantized_layers
+
+    copy = copy_without_fp_state(model)
+    graph = compat.GraphModelWrapper(copy, example_input).build_graph()
+    tensors = dict(copy.named_parameters())
+    with torch.no_grad():
+        for layer in find_quantized_layers(copy, graph):
+            if layer.weight_quantizer.is_enabled_quantization():
+                weight = tensors[layer.weight_name]
+                weight.copy_(layer.weight_quantizer(weight))
+    return copy
+
+
 def export_openvino(
     model: nn.Module,
     example_input: Any,
@@ -126,7 +150,7 @@ def export_openvino(
     if xml.suffix != ".xml":
         msg = f"Export path {xml} must end with .xml (the .bin is written beside it)."
         raise ValueError(msg)
-    model.eval()
+    model = _weights_on_grid(model.eval(), example_input)
     kwargs: dict[str, Any] = {"example_input": example_input}
     if input_shape is not None:
         kwargs["input"] = input_shape

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -15,7 +14,8 @@ from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerReport
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
 from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem, cosine_lr
-from nncf_calibtip.calibration.capture import all_quantizers, capture_input, quantizers_disabled
+from nncf_calibtip.calibration.capture import capture_input, quantizers_disabled
+from nncf_calibtip.calibration.fp_reference import fp_reference, remember_fp_state
 from nncf_calibtip.calibration.input_cache import FPInputCache, input_bytes_per_sample
 from nncf_calibtip.quantized_layers import QuantizedLayer, call_op, find_quantized_layers
 
@@ -61,11 +61,10 @@ class PTAdaQuantBackend(AdaQuantBackend):
         torch_model = _torch_model(model)
         original = next(torch_model.parameters()).device
         torch_model.to(device).eval()
-        # The FP reference: the same graph with every quantizer off and the weights as they
-        # are before calibration (AdaQuant changes the model's weights layer by layer).
-        fp_model = copy.deepcopy(torch_model)
-        for q in all_quantizers(fp_model):
-            q.enabled[0] = 0
+        # The FP reference: the same graph with every quantizer off and the FP weights
+        # (AdaQuant changes the model's weights layer by layer).
+        remember_fp_state(torch_model)
+        fp_model = fp_reference(torch_model)
         tensors = dict(torch_model.named_parameters())
         tensors.update(dict(torch_model.named_buffers()))
         cache = FPInputCache(

@@ -1,0 +1,93 @@
+"""BN tuning ("global statistics tuning") as an NNCF post-training algorithm."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import nncf
+
+from nncf_calibtip import compat
+from nncf_calibtip.algorithms.bn_tuning.backend import BNTuningBackend, ChannelStatsReport
+from nncf_calibtip.algorithms.bn_tuning.config import BNTuningConfig
+from nncf_calibtip.calibration.data import count_samples, inference_items, rebatch, resolve_device
+
+
+class BNTuning(compat.Algorithm):
+    """BN tuning (Hubara et al., 2021, "global statistics tuning"): quantization shifts and
+    scales each layer's output channels; re-estimate their statistics on the quantized model
+    with a true average over the calibration set, re-normalise them to the FP model's, and fold
+    the correction back into the layer: the weights and their per-channel quantization scales
+    are multiplied by the same factor (the integer weights do not change), the bias or the
+    BatchNorm shift absorbs the rest.
+
+    The statistics are taken at the layer's output after its BatchNorm when it has one, so
+    models with and without BatchNorm (folded into the convolution) are handled alike. One
+    tuning pass re-normalises every layer on the fly, batch by batch, as BatchNorm layers in
+    training mode would, so each layer is measured on inputs from already-corrected layers.
+
+    NNCF's :class:`~nncf.quantization.algorithms.pipeline.Pipeline` does not hand the dataset
+    to ``apply``; pass it here when running in a plain NNCF pipeline.
+
+    :param config: BN tuning settings.
+    :param dataset: Calibration dataset, used when ``apply`` gets none.
+    """
+
+    def __init__(self, config: BNTuningConfig | None = None, dataset: nncf.Dataset | None = None) -> None:
+        self.config = config or BNTuningConfig()
+        self.dataset = dataset
+        self.reports: list[ChannelStatsReport] = []
+        self.calibration_seconds = 0.0
+
+    @property
+    def available_backends(self) -> list[compat.BackendType]:
+        return [compat.BackendType.TORCH]
+
+    def _backend(self, model: Any) -> BNTuningBackend:
+        from nncf_calibtip.algorithms.bn_tuning.torch_backend import PTBNTuningBackend
+
+        return PTBNTuningBackend()
+
+    def get_statistic_points(self, model: Any, graph: compat.NNCFGraph) -> compat.StatisticPointsContainer:
+        # The statistics depend on corrections made during the same pass: collected by the backend.
+        return compat.StatisticPointsContainer()
+
+    def apply(
+        self,
+        model: Any,
+        graph: compat.NNCFGraph,
+        statistic_points: compat.StatisticPointsContainer | None = None,
+        dataset: nncf.Dataset | None = None,
+    ) -> Any:
+        dataset = dataset if dataset is not None else self.dataset
+        if dataset is None:
+            msg = (
+                "BN tuning needs the calibration dataset: pass it as BNTuning(config, dataset) or to apply(); "
+                "NNCF's Pipeline does not forward it."
+            )
+            raise ValueError(msg)
+        cfg = self.config
+        items = inference_items(dataset, cfg.subset_size)
+        n = count_samples(items)
+        if n < 2:
+            msg = f"The calibration set has {n} sample; BN tuning needs at least 2 to estimate a standard deviation."
+            raise ValueError(msg)
+        items = rebatch(items, cfg.batch_size)
+        backend = self._backend(model)
+        layers = backend.find_layers(model, graph, cfg)
+        if not layers:
+            what = "followed by a BatchNorm" if cfg.target == "batchnorm" else "(conv, or linear with include_linear)"
+            msg = f"BN tuning found no quantized layers {what}: run MinMax (and PrecisionSetup) first."
+            raise ValueError(msg)
+        compat.nncf_logger.info(f"BN tuning ({cfg.target}) on {len(layers)} layers, {n} samples")
+        start = time.perf_counter()
+        self.reports = backend.tune(model, layers, items, cfg, resolve_device(cfg.device))
+        self.calibration_seconds = time.perf_counter() - start
+        if cfg.report:
+            before = sum(r.mean_error_before + r.std_error_before for r in self.reports) / len(self.reports)
+            after = sum(r.mean_error_after + r.std_error_after for r in self.reports) / len(self.reports)
+            compat.nncf_logger.info(
+                f"BN tuning done in {self.calibration_seconds:.1f} s: mean channel-statistics error "
+                f"{before:.4f} -> {after:.4f}"
+            )
+        return model

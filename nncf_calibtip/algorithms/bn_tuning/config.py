@@ -1,0 +1,68 @@
+"""Settings of BN tuning (the paper's "global statistics tuning")."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+BNTarget = Literal["fp_statistics", "batchnorm"]
+
+
+@dataclass(frozen=True)
+class BNTuningConfig:
+    """BN tuning: re-normalise each quantized layer's output channels to the FP model's, then
+    fold the correction into the layer's per-channel weight scales and bias, so the integer
+    weights stay as they are.
+
+    :param target: What each channel is re-normalised to. ``"fp_statistics"``: the mean and
+        standard deviation of the FP model's output of that layer on the calibration set;
+        works with or without BatchNorm in the model, and with data unlike the data the
+        BatchNorm statistics were trained on. ``"batchnorm"``: the running mean and standard
+        deviation of the BatchNorm after the layer, the paper's target (BatchNorm outputs then
+        have mean beta and std ``|gamma|``); layers without a BatchNorm after them are skipped.
+    :param include_linear: Also correct fully-connected layers per output feature (off, as in
+        the paper: bias tuning is the tool for the classifier).
+    :param max_std_ratio: Bound on the per-channel rescaling (``1/r .. r``); larger gaps come
+        from dead or near-dead channels, where rescaling only amplifies rounding noise.
+    :param batch_size: Samples per forward pass; statistics are re-normalised per batch during
+        the tuning pass, as a BatchNorm in training mode does (the reference used 200).
+    :param subset_size: Calibration samples used at most.
+    :param report: Measure the quantized statistics before and after tuning (two more passes)
+        for the per-layer report.
+    :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
+    """
+
+    target: BNTarget = "fp_statistics"
+    include_linear: bool = False
+    max_std_ratio: float = 2.0
+    batch_size: int = 200
+    subset_size: int = 1024
+    report: bool = True
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.target not in ("fp_statistics", "batchnorm"):
+            msg = f"target={self.target!r} is not supported; use 'fp_statistics' or 'batchnorm'."
+            raise ValueError(msg)
+        for name in ("batch_size", "subset_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                msg = f"{name}={getattr(self, name)!r} must be a positive integer."
+                raise ValueError(msg)
+        if not self.max_std_ratio >= 1.0:
+            msg = f"max_std_ratio={self.max_std_ratio!r} must be at least 1."
+            raise ValueError(msg)
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            msg = f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'."
+            raise ValueError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BNTuningConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            msg = f"Unknown BN tuning settings {unknown}; known: {sorted(known)}."
+            raise ValueError(msg)
+        return cls(**data)
