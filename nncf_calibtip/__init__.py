@@ -10,6 +10,7 @@ Public face::
 """
 
 from nncf_calibtip.algorithms.adaquant import AdaQuant, AdaQuantConfig, LayerReport
+from nncf_calibtip.algorithms.bias_tuning import BiasTuning, BiasTuningConfig, BiasTuningReport
 from nncf_calibtip.algorithms.bn_tuning import BNTuning, BNTuningConfig, ChannelStatsReport
 from nncf_calibtip.api import QuantizationConfig, QuantizationResult, build_pipeline, get_result, quantize
 from nncf_calibtip.export import ExportResult, check_ir_against_plan, export_openvino
@@ -22,6 +23,9 @@ __all__ = [
     "AdaQuant",
     "AdaQuantConfig",
     "BNTuning",
+    "BiasTuning",
+    "BiasTuningConfig",
+    "BiasTuningReport",
     "BNTuningConfig",
     "ChannelStatsReport",
     "ExportResult",

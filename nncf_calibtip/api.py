@@ -13,17 +13,26 @@ from torch import nn
 
 from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant import AdaQuant, AdaQuantConfig
+from nncf_calibtip.algorithms.bias_tuning import BiasTuning, BiasTuningConfig
 from nncf_calibtip.algorithms.bn_tuning import BNTuning, BNTuningConfig
 from nncf_calibtip.calibration.data import inference_items
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
 from nncf_calibtip.plan import PrecisionPlan
 
 #: Configs of the algorithms that run after placement.
-AlgorithmConfig = AdaQuantConfig | BNTuningConfig
+AlgorithmConfig = AdaQuantConfig | BNTuningConfig | BiasTuningConfig
 #: Config class of each algorithm, by the name used in JSON configs.
-ALGORITHM_CONFIGS: dict[str, type] = {"adaquant": AdaQuantConfig, "bn_tuning": BNTuningConfig}
+ALGORITHM_CONFIGS: dict[str, type] = {
+    "adaquant": AdaQuantConfig,
+    "bn_tuning": BNTuningConfig,
+    "bias_tuning": BiasTuningConfig,
+}
 #: The NNCF algorithm each config builds.
-ALGORITHM_CLASSES: dict[type, type] = {AdaQuantConfig: AdaQuant, BNTuningConfig: BNTuning}
+ALGORITHM_CLASSES: dict[type, type] = {
+    AdaQuantConfig: AdaQuant,
+    BNTuningConfig: BNTuning,
+    BiasTuningConfig: BiasTuning,
+}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,86 @@
+"""Settings of label-free bias tuning."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+BiasTuningLoss = Literal["kl", "mse", "cosine"]
+BiasTuningOptimizer = Literal["sgd", "adam"]
+
+
+@dataclass(frozen=True)
+class BiasTuningConfig:
+    """Bias tuning: train only the biases of the quantized model (the layers' biases, or the
+    shifts of the BatchNorms after layers without one) so that its outputs match the FP
+    model's on unlabeled calibration data. Labels are never read.
+
+    :param loss: ``"kl"``: KL divergence from the FP model's softmax to the quantized model's
+        (classifiers); ``"mse"`` or ``"cosine"``: distance to the FP output (embeddings,
+        regression, any output that is not a distribution).
+    :param steps: Optimiser steps (the reference used 800).
+    :param batch_size: Samples per step, drawn at random from the calibration set (reference 50).
+    :param lr: Learning rate (reference: SGD, 0.1).
+    :param optimizer: ``"sgd"`` (the reference) or ``"adam"``.
+    :param momentum: SGD momentum.
+    :param temperature: Softmax temperature of the KL loss.
+    :param train_last_input_range: Also train the input quantizer range of the last layer
+        (as the reference did).
+    :param holdout_fraction: Share of the calibration samples kept out of training to report
+        the loss before and after; when the held-out loss rises, the biases are put back.
+    :param subset_size: Calibration samples used at most.
+    :param seed: Seed of the mini-batch sampling; the same seed gives the same model.
+    :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
+    """
+
+    loss: BiasTuningLoss = "kl"
+    steps: int = 800
+    batch_size: int = 50
+    lr: float = 0.1
+    optimizer: BiasTuningOptimizer = "sgd"
+    momentum: float = 0.0
+    temperature: float = 1.0
+    train_last_input_range: bool = False
+    holdout_fraction: float = 0.1
+    subset_size: int = 1024
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("kl", "mse", "cosine"):
+            msg = f"loss={self.loss!r} is not supported; use 'kl', 'mse' or 'cosine'."
+            raise ValueError(msg)
+        if self.optimizer not in ("sgd", "adam"):
+            msg = f"optimizer={self.optimizer!r} is not supported; use 'sgd' or 'adam'."
+            raise ValueError(msg)
+        for name in ("steps", "batch_size", "subset_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                msg = f"{name}={getattr(self, name)!r} must be a positive integer."
+                raise ValueError(msg)
+        if not self.lr > 0:
+            msg = f"lr={self.lr!r} must be positive."
+            raise ValueError(msg)
+        if not 0.0 <= self.momentum < 1.0:
+            msg = f"momentum={self.momentum!r} must be in [0, 1)."
+            raise ValueError(msg)
+        if not self.temperature > 0:
+            msg = f"temperature={self.temperature!r} must be positive."
+            raise ValueError(msg)
+        if not 0.0 <= self.holdout_fraction < 0.5:
+            msg = f"holdout_fraction={self.holdout_fraction!r} must be in [0, 0.5)."
+            raise ValueError(msg)
+        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
+            msg = f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'."
+            raise ValueError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BiasTuningConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            msg = f"Unknown bias tuning settings {unknown}; known: {sorted(known)}."
+            raise ValueError(msg)
+        return cls(**data)

@@ -1,0 +1,122 @@
+import copy
+
+import nncf
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nncf_calibtip as nc
+from nncf_calibtip import compat
+from tests.conftest import TinyNet, make_images
+
+W4A4 = nc.PrecisionConfig(4, 4, keep_first_last_8bit=False)
+
+
+def _kl_to_fp(fp: nn.Module, q: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return F.kl_div(F.log_softmax(q(x), -1), F.softmax(fp(x), -1), reduction="batchmean").item()
+
+
+def test_bias_tuning_lowers_kl_on_held_out_data_and_leaves_weights(tiny_model, calib_dataset, test_data):
+    rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
+    tuned = nc.quantize(tiny_model, calib_dataset, nc.BiasTuningConfig(steps=150), precision=W4A4)
+    report = nc.get_result(tuned).reports["bias_tuning"][0]
+    assert report["kept"] and report["loss_after"] < report["loss_before"]
+    assert report["tensors"] == 5  # three BatchNorm shifts, the grouped conv's and the classifier's bias
+    # test_data is not the calibration set.
+    assert _kl_to_fp(tiny_model, tuned, test_data) < 0.5 * _kl_to_fp(tiny_model, rtn, test_data)
+    a, b = dict(rtn.named_parameters()), dict(tuned.named_parameters())
+    for name in ("stem.weight", "dw.weight", "pw.weight", "grouped.weight", "fc.weight", "bn0.weight"):
+        assert torch.equal(a[name], b[name]), name
+
+
+class Embedder(nn.Module):
+    """TinyNet without its classifier: outputs 32-d features, not class scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = TinyNet()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = F.relu(n.bn0(n.stem(x)))
+        x = F.max_pool2d(x, 2)
+        x = x + n.bn2(n.pw(F.relu6(n.bn1(n.dw(x)))))
+        return F.relu(n.grouped(F.pad(x, (1, 1, 1, 1)))).mean((2, 3))
+
+
+@pytest.mark.parametrize("loss", ["mse", "cosine"])
+def test_embedding_losses_bring_outputs_closer(calib_dataset, test_data, loss):
+    torch.manual_seed(0)
+    model = Embedder().eval()
+    cfg = nc.BiasTuningConfig(loss=loss, steps=150, optimizer="adam", lr=1e-2)
+    rtn = nc.quantize(model, calib_dataset, precision=W4A4)
+    tuned = nc.quantize(model, calib_dataset, cfg, precision=W4A4)
+    with torch.no_grad():
+        ref = model(test_data)
+        assert (tuned(test_data) - ref).pow(2).mean() < (rtn(test_data) - ref).pow(2).mean()
+
+
+def test_inputs_only_dataset_and_no_labels_read(tiny_model, calib_data, test_data):
+    """Items carry a label the transform drops; touching it would raise."""
+
+    class Poisoned:
+        def __getattribute__(self, name):
+            raise AssertionError("a label was read")
+
+    items = [{"image": calib_data[i : i + 32], "label": Poisoned()} for i in range(0, len(calib_data), 32)]
+    dataset = nncf.Dataset(items, lambda item: item["image"])
+    q = nc.quantize(tiny_model, dataset, nc.BiasTuningConfig(steps=20), precision=W4A4)
+    assert nc.get_result(q).reports["bias_tuning"][0]["samples"] == 256
+
+
+def test_same_seed_same_model_and_callers_model_untouched(tiny_model, calib_dataset, test_data):
+    state = copy.deepcopy(tiny_model.state_dict())
+    cfg = nc.BiasTuningConfig(steps=30, seed=5)
+    a = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    b = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    with torch.no_grad():
+        torch.testing.assert_close(a(test_data), b(test_data), rtol=0, atol=0)
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_too_small_calibration_set_and_bad_settings_are_named(tiny_model):
+    small = nncf.Dataset([make_images(40, seed=4)])
+    with pytest.raises(ValueError, match="too few for 800 steps of batch_size=50"):
+        nc.quantize(tiny_model, small, nc.BiasTuningConfig(), precision=W4A4)
+    with pytest.raises(ValueError, match="loss="):
+        nc.BiasTuningConfig(loss="ce")
+    with pytest.raises(ValueError, match="Unknown bias tuning settings"):
+        nc.BiasTuningConfig.from_dict({"epochs": 3})
+
+
+def test_model_with_tuple_output_is_refused(calib_dataset):
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyNet()
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            y = self.net(x)
+            return y, y
+
+    with pytest.raises(TypeError, match="returns one tensor"):
+        nc.quantize(TwoHeads().eval(), calib_dataset, nc.BiasTuningConfig(steps=5), precision=W4A4)
+
+
+def test_algorithms_run_in_nncfs_own_pipeline(tiny_model, calib_dataset, test_data):
+    """After plain MinMax + PrecisionSetup, in NNCF's Pipeline, dataset given to the constructors."""
+    from nncf_calibtip.placement import PrecisionSetup, min_max_algorithm
+
+    steps = [
+        [min_max_algorithm(W4A4, 256)],
+        [PrecisionSetup(W4A4)],
+        [nc.BNTuning(nc.BNTuningConfig(), calib_dataset)],
+        [nc.BiasTuning(nc.BiasTuningConfig(steps=100), calib_dataset)],
+    ]
+    model = compat.GraphModelWrapper(compat.wrap_model(copy.deepcopy(tiny_model)), test_data[:1])
+    q = compat.Pipeline(steps).run(model, calib_dataset).model
+    rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
+    assert _kl_to_fp(tiny_model, q, test_data) < 0.5 * _kl_to_fp(tiny_model, rtn, test_data)
