@@ -30,14 +30,43 @@ ROOT = Path(__file__).resolve().parent.parent
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
 
 
+#: Algorithms a row can add after its base method, in the order they run.
+STAGES = {"bn": "BN tuning", "bias": "bias tuning"}
+
+
 def row_names(model: str) -> list[str]:
     names = ["fp32", "nncf_int8"]
     for b in BITS:
         names += [f"rtn_{b}", f"adaquant_parallel_{b}", f"adaquant_sequential_{b}"]
+    # BN tuning and bias tuning after round-to-nearest and after sequential AdaQuant.
+    for b in ("W4A8", "W4A4"):
+        for base in ("rtn", "adaquant_sequential"):
+            names += [f"{base}+bn_{b}", f"{base}+bn+bias_{b}"]
     # Our AdaQuant with the reference schedule (1000 Adam steps of 50 samples per layer): the
     # speed baseline, measured on this machine in this run.
     names.append("adaquant_sequential_W4A4_1000steps")
     return names
+
+
+def parse_row(row: str) -> tuple[str, list[str], str, str]:
+    """``"adaquant_sequential+bn+bias_W4A4"`` -> (base, stages, bits label, suffix)."""
+    kind, _, rest = row.partition("_W")
+    label, _, suffix = ("W" + rest).partition("_")
+    base, *stages = kind.split("+")
+    unknown = [s for s in stages if s not in STAGES]
+    if label not in BITS or unknown or base not in ("rtn", "adaquant_parallel", "adaquant_sequential"):
+        msg = f"Cannot read benchmark row {row!r}."
+        raise ValueError(msg)
+    return base, stages, label, suffix
+
+
+def chain(row: str) -> list[str]:
+    """The rows a row's run produces on its way: ``a+bn+bias_W4A4`` -> ``a_W4A4``, ``a+bn_W4A4``, itself."""
+    if row in ("fp32", "nncf_int8"):
+        return [row]
+    base, stages, label, suffix = parse_row(row)
+    tail = f"_{label}" + (f"_{suffix}" if suffix else "")
+    return ["+".join([base, *stages[:i]]) + tail for i in range(len(stages) + 1)]
 
 
 def load_task(model: str, with_test: bool) -> Task:
@@ -53,15 +82,17 @@ def load_task(model: str, with_test: bool) -> Task:
     raise ValueError(msg)
 
 
-def quantize_row(model_name: str, row: str, work: Path, calibration_size: int) -> dict:
-    """Quantize and export one row (runs in a child process)."""
+def quantize_row(model_name: str, row: str, work: Path, calibration_size: int) -> list[dict]:
+    """Quantize and export one row and the rows on its way (runs in a child process)."""
     task = load_task(model_name, with_test=False)
     example = torch.from_numpy(task.calibration_pool[:1])
     shape = [(-1, *example.shape[1:])]
     xml = work / f"{row}.xml"
     if row == "fp32":
         experiment.export_fp32(task.model, example, xml)
-        return {"method": "FP32", "xml": str(xml), "calib_s": 0.0, "peak_rss_mb": experiment.peak_rss_mb()}
+        return [
+            {"row": row, "method": "FP32", "xml": str(xml), "calib_s": 0.0, "peak_rss_mb": experiment.peak_rss_mb()}
+        ]
     calib = experiment.calibration_dataset(task.calibration_pool, calibration_size)
     start = time.perf_counter()
     if row == "nncf_int8":
@@ -71,33 +102,73 @@ def quantize_row(model_name: str, row: str, work: Path, calibration_size: int) -
         bits: tuple[int | None, int | None] = (8, 8)
         method = "NNCF INT8 (nncf.quantize defaults)"
     else:
-        kind, _, label = row.partition("_W")
-        label = "W" + label.split("_")[0]
-        bits = BITS[label]
-        algorithms = ()
-        if kind.startswith("adaquant"):
-            mode = kind.split("_")[1]
-            cfg = nc.AdaQuantConfig(mode=mode)
-            if row.endswith("_1000steps"):
-                cfg = nc.AdaQuantConfig(mode=mode, iters=1000, batch_size=50)
-            algorithms = (cfg,)
-        config = nc.QuantizationConfig(
-            precision=nc.PrecisionConfig(*bits), algorithms=algorithms, subset_size=calibration_size
-        )
-        quantized = nc.quantize(task.model, calib, config)
-        method = "round-to-nearest (MinMax)" if kind == "rtn" else f"AdaQuant {kind.split('_')[1]}"
-        if row.endswith("_1000steps"):
-            method += " (1000 steps x 50, reference schedule)"
+        return quantize_chain(task, row, calib, work, example, shape, calibration_size, start)
     calib_s = time.perf_counter() - start
     nc.export_openvino(quantized, example, xml, input_shape=shape)
-    return {
-        "method": method,
-        "weight_bits": bits[0],
-        "activation_bits": bits[1],
-        "xml": str(xml),
-        "calib_s": calib_s,
-        "peak_rss_mb": experiment.peak_rss_mb(),
-    }
+    return [
+        {
+            "row": row,
+            "method": method,
+            "weight_bits": bits[0],
+            "activation_bits": bits[1],
+            "xml": str(xml),
+            "calib_s": calib_s,
+            "peak_rss_mb": experiment.peak_rss_mb(),
+        }
+    ]
+
+
+def quantize_chain(
+    task: Task,
+    row: str,
+    calib: nncf.Dataset,
+    work: Path,
+    example: torch.Tensor,
+    shape: list,
+    calibration_size: int,
+    start: float,
+) -> list[dict]:
+    """Quantize with the row's base method, then add its stages one by one; every stage is
+    exported as its own row, with the calibration time summed from the start."""
+    base, stages, label, suffix = parse_row(row)
+    bits = BITS[label]
+    algorithms: tuple = ()
+    method = "round-to-nearest (MinMax)"
+    if base.startswith("adaquant"):
+        mode = base.split("_")[1]
+        cfg = nc.AdaQuantConfig(mode=mode)
+        if suffix == "1000steps":
+            cfg = nc.AdaQuantConfig(mode=mode, iters=1000, batch_size=50)
+        algorithms = (cfg,)
+        method = f"AdaQuant {mode}" + (" (1000 steps x 50, reference schedule)" if suffix == "1000steps" else "")
+    config = nc.QuantizationConfig(
+        precision=nc.PrecisionConfig(*bits), algorithms=algorithms, subset_size=calibration_size
+    )
+    quantized = nc.quantize(task.model, calib, config)
+    calib_s = time.perf_counter() - start
+    out = []
+    for i, name in enumerate(chain(row)):
+        if i:
+            stage = stages[i - 1]
+            stage_cfg = nc.BNTuningConfig() if stage == "bn" else nc.BiasTuningConfig()
+            t0 = time.perf_counter()
+            quantized = nc.refine(quantized, calib, stage_cfg)
+            calib_s += time.perf_counter() - t0  # exports in between are not calibration
+            method += f" + {STAGES[stage]}"
+        xml = work / f"{name}.xml"
+        nc.export_openvino(quantized, example, xml, input_shape=shape)
+        out.append(
+            {
+                "row": name,
+                "method": method,
+                "weight_bits": bits[0],
+                "activation_bits": bits[1],
+                "xml": str(xml),
+                "calib_s": calib_s,
+                "peak_rss_mb": experiment.peak_rss_mb(),
+            }
+        )
+    return out
 
 
 def main() -> None:
@@ -116,10 +187,16 @@ def main() -> None:
         return
 
     rows = args.rows or row_names(args.model)
-    load_task(args.model, with_test=False)  # trains / caches the model once, before the children
-    entries = []
     for row in rows:
-        print(f"[{time.strftime('%H:%M:%S')}] {row}", flush=True)
+        chain(row)  # fail on a misspelt row before any work
+    load_task(args.model, with_test=False)  # trains / caches the model once, before the children
+    # A row produced on the way to a longer requested row (its prefix) is not run again.
+    produced_by_others = {r for other in rows for r in chain(other)[:-1]}
+    results: dict[str, dict] = {}
+    for row in rows:
+        if row in produced_by_others:
+            continue
+        print(f"[{time.strftime('%H:%M:%S')}] {' -> '.join(chain(row))}", flush=True)
         cmd = [
             sys.executable,
             __file__,
@@ -133,7 +210,9 @@ def main() -> None:
             str(args.calibration_size),
         ]
         subprocess.run(cmd, check=True)
-        entries.append(json.loads((work / f"{row}.json").read_text()))
+        for entry in json.loads((work / f"{row}.json").read_text()):
+            results[entry.pop("row")] = entry
+    entries = [results[row] for row in rows]
     task = load_task(args.model, with_test=True)
     measured = experiment.measure(entries, task.x_test, task.y_test)
     fp = next((r.accuracy for r in measured if r.method == "FP32"), None)

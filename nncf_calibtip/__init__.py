@@ -12,7 +12,7 @@ Public face::
 from nncf_calibtip.algorithms.adaquant import AdaQuant, AdaQuantConfig, LayerReport
 from nncf_calibtip.algorithms.bias_tuning import BiasTuning, BiasTuningConfig, BiasTuningReport
 from nncf_calibtip.algorithms.bn_tuning import BNTuning, BNTuningConfig, ChannelStatsReport
-from nncf_calibtip.api import QuantizationConfig, QuantizationResult, build_pipeline, get_result, quantize
+from nncf_calibtip.api import QuantizationConfig, QuantizationResult, build_pipeline, get_result, quantize, refine
 from nncf_calibtip.export import ExportResult, check_ir_against_plan, export_openvino
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, get_plan
 from nncf_calibtip.plan import LayerPrecision, PrecisionPlan
@@ -42,4 +42,5 @@ __all__ = [
     "get_plan",
     "get_result",
     "quantize",
+    "refine",
 ]

@@ -132,6 +132,18 @@ class QuantizationResult:
 RESULT_ATTRIBUTE = "_calibtip_result"
 
 
+def _collect_reports(out: QuantizationResult, algorithms: list[compat.Algorithm]) -> None:
+    """Add each algorithm's reports and time under its JSON name (``bn_tuning_2`` for a repeat)."""
+    names = {cls: name for name, cls in ALGORITHM_CONFIGS.items()}
+    for a in algorithms:
+        name = names[type(a.config)]
+        key, i = name, 2
+        while key in out.reports:
+            key, i = f"{name}_{i}", i + 1
+        out.reports[key] = [r.to_dict() for r in a.reports]
+        out.seconds[key] = a.calibration_seconds
+
+
 def nncf_subset_size(dataset: nncf.Dataset, samples: int) -> int:
     """NNCF's ``subset_size`` that covers ``samples`` samples: NNCF counts samples when it can
     tell the batch size (a DataLoader), and dataset items otherwise."""
@@ -205,16 +217,39 @@ def quantize(
     quantized = result.model if isinstance(result, compat.GraphModelWrapper) else result
     setup = algorithms[0]
     out = QuantizationResult(plan=setup.applied_plan)
-    names = {cls: name for name, cls in ALGORITHM_CONFIGS.items()}
-    for a in algorithms[1:]:
-        name = names[type(a.config)]
-        key, i = name, 2
-        while key in out.reports:  # the same algorithm twice in one recipe
-            key, i = f"{name}_{i}", i + 1
-        out.reports[key] = [r.to_dict() for r in a.reports]
-        out.seconds[key] = a.calibration_seconds
+    _collect_reports(out, algorithms[1:])
     setattr(quantized, RESULT_ATTRIBUTE, out)
     return quantized
+
+
+def refine(model: nn.Module, calibration_dataset: nncf.Dataset, *configs: AlgorithmConfig) -> nn.Module:
+    """Run more algorithms on a model :func:`quantize` returned, e.g. BN tuning and bias tuning
+    after AdaQuant, without redoing what was done. The given model is not modified.
+
+    :param model: A model from :func:`quantize` (or from an earlier :func:`refine`).
+    :param calibration_dataset: Unlabeled calibration data.
+    :param configs: Algorithm configs, run in order.
+    :return: A new quantized model; :func:`get_result` holds the earlier and the new reports.
+    """
+    previous = get_result(model)
+    if not configs:
+        msg = "refine() needs at least one algorithm config, e.g. BNTuningConfig()."
+        raise ValueError(msg)
+    for c in configs:
+        if type(c) not in ALGORITHM_CLASSES:
+            msg = f"Unknown algorithm config {type(c).__name__}; use one of {sorted(ALGORITHM_CONFIGS)}."
+            raise TypeError(msg)
+    algorithms = [ALGORITHM_CLASSES[type(c)](c) for c in configs]
+    example = next(iter(calibration_dataset.get_inference_data()))
+    work = copy.deepcopy(model)
+    result = DatasetPipeline([[a] for a in algorithms]).run(
+        compat.GraphModelWrapper(work, example), calibration_dataset
+    )
+    refined = result.model if isinstance(result, compat.GraphModelWrapper) else result
+    out = QuantizationResult(plan=previous.plan, reports=dict(previous.reports), seconds=dict(previous.seconds))
+    _collect_reports(out, algorithms)
+    setattr(refined, RESULT_ATTRIBUTE, out)
+    return refined
 
 
 def get_result(model: nn.Module) -> QuantizationResult:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 import nncf_calibtip as nc
 
@@ -8,13 +9,18 @@ import nncf_calibtip as nc
 def test_quantization_config_json_round_trip(tmp_path):
     cfg = nc.QuantizationConfig(
         precision=nc.PrecisionConfig(4, 4, layers={"a/conv2d/0": nc.LayerPrecision(8, 8)}),
-        algorithms=(nc.AdaQuantConfig(mode="parallel", iters=10),),
+        algorithms=(
+            nc.AdaQuantConfig(mode="parallel", iters=10),
+            nc.BNTuningConfig(target="batchnorm"),
+            nc.BiasTuningConfig(loss="cosine", steps=5),
+        ),
         subset_size=512,
     )
     path = tmp_path / "c.json"
     cfg.to_json(path)
     assert nc.QuantizationConfig.from_json(path) == cfg
-    assert json.loads(path.read_text())["algorithms"][0]["type"] == "adaquant"
+    types = [a["type"] for a in json.loads(path.read_text())["algorithms"]]
+    assert types == ["adaquant", "bn_tuning", "bias_tuning"]
 
 
 def test_config_errors_name_the_problem(tmp_path):
@@ -33,3 +39,16 @@ def test_shipped_configs_load():
     assert configs
     for path in configs:
         nc.QuantizationConfig.from_json(path)
+
+
+def test_refine_adds_algorithms_to_a_quantized_model(tiny_model, calib_dataset, test_data):
+    precision = nc.PrecisionConfig(4, 4, keep_first_last_8bit=False)
+    q = nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(iters=10), precision=precision)
+    with torch.no_grad():
+        before = q(test_data)
+    r = nc.refine(q, calib_dataset, nc.BNTuningConfig(), nc.BiasTuningConfig(steps=10))
+    assert list(nc.get_result(r).reports) == ["adaquant", "bn_tuning", "bias_tuning"]
+    with torch.no_grad():
+        torch.testing.assert_close(q(test_data), before, rtol=0, atol=0)  # the input model is unchanged
+    with pytest.raises(ValueError, match="not produced by nncf_calibtip.quantize"):
+        nc.refine(tiny_model, calib_dataset, nc.BNTuningConfig())

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 BiasTuningLoss = Literal["kl", "mse", "cosine"]
 BiasTuningOptimizer = Literal["sgd", "adam"]
+LRSchedule = Literal["cosine", "constant"]
 
 
 @dataclass(frozen=True)
@@ -18,11 +19,15 @@ class BiasTuningConfig:
     :param loss: ``"kl"``: KL divergence from the FP model's softmax to the quantized model's
         (classifiers); ``"mse"`` or ``"cosine"``: distance to the FP output (embeddings,
         regression, any output that is not a distribution).
-    :param steps: Optimiser steps (the reference used 800).
+    :param steps: Optimiser steps. The reference used 800 at a constant learning rate; 200
+        with cosine decay reached a lower held-out KL in a quarter of the time on the ResNet-20
+        sample (README, "Bias tuning schedule").
     :param batch_size: Samples per step, drawn at random from the calibration set (reference 50).
     :param lr: Learning rate (reference: SGD, 0.1).
     :param optimizer: ``"sgd"`` (the reference) or ``"adam"``.
     :param momentum: SGD momentum.
+    :param lr_schedule: ``"cosine"`` decay to zero over the steps (the last steps then average
+        out the mini-batch noise), or ``"constant"`` (the reference).
     :param temperature: Softmax temperature of the KL loss.
     :param train_last_input_range: Also train the input quantizer range of the last layer
         (as the reference did).
@@ -34,11 +39,12 @@ class BiasTuningConfig:
     """
 
     loss: BiasTuningLoss = "kl"
-    steps: int = 800
+    steps: int = 200
     batch_size: int = 50
     lr: float = 0.1
     optimizer: BiasTuningOptimizer = "sgd"
     momentum: float = 0.0
+    lr_schedule: LRSchedule = "cosine"
     temperature: float = 1.0
     train_last_input_range: bool = False
     holdout_fraction: float = 0.1
@@ -49,6 +55,9 @@ class BiasTuningConfig:
     def __post_init__(self) -> None:
         if self.loss not in ("kl", "mse", "cosine"):
             msg = f"loss={self.loss!r} is not supported; use 'kl', 'mse' or 'cosine'."
+            raise ValueError(msg)
+        if self.lr_schedule not in ("cosine", "constant"):
+            msg = f"lr_schedule={self.lr_schedule!r} is not supported; use 'cosine' or 'constant'."
             raise ValueError(msg)
         if self.optimizer not in ("sgd", "adam"):
             msg = f"optimizer={self.optimizer!r} is not supported; use 'sgd' or 'adam'."

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nncf_calibtip import compat
+from nncf_calibtip.algorithms.adaquant.layer_problem import cosine_lr
 from nncf_calibtip.algorithms.bias_tuning.backend import BiasTuningBackend, BiasTuningReport
 from nncf_calibtip.algorithms.bias_tuning.config import BiasTuningConfig
 from nncf_calibtip.calibration.data import call_model, count_samples, to_device
@@ -179,7 +180,10 @@ class PTBiasTuningBackend(BiasTuningBackend):
         bs = min(config.batch_size, n_train) if unit else 1
         starts = _item_offsets(samples)
         with _only_trainable(model, tensors):
-            for _ in compat.track(range(config.steps), description="Bias tuning"):
+            for step in compat.track(range(config.steps), description="Bias tuning"):
+                if config.lr_schedule == "cosine":
+                    for g in opt.param_groups:
+                        g["lr"] = config.lr * cosine_lr(step, config.steps)
                 index = torch.randint(0, n_train, (bs,), generator=gen)
                 out = _output(model, samples.batch(index))
                 if unit:

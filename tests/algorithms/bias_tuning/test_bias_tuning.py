@@ -84,7 +84,7 @@ def test_same_seed_same_model_and_callers_model_untouched(tiny_model, calib_data
 
 def test_too_small_calibration_set_and_bad_settings_are_named(tiny_model):
     small = nncf.Dataset([make_images(40, seed=4)])
-    with pytest.raises(ValueError, match="too few for 800 steps of batch_size=50"):
+    with pytest.raises(ValueError, match="too few for 200 steps of batch_size=50"):
         nc.quantize(tiny_model, small, nc.BiasTuningConfig(), precision=W4A4)
     with pytest.raises(ValueError, match="loss="):
         nc.BiasTuningConfig(loss="ce")
