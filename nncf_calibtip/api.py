@@ -16,6 +16,7 @@ from nncf_calibtip.algorithms.adaquant import AdaQuant, AdaQuantConfig
 from nncf_calibtip.algorithms.bias_tuning import BiasTuning, BiasTuningConfig
 from nncf_calibtip.algorithms.bn_tuning import BNTuning, BNTuningConfig
 from nncf_calibtip.calibration.data import inference_items
+from nncf_calibtip.config_schema import validate_quantization_config
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
 from nncf_calibtip.plan import PrecisionPlan
 
@@ -68,10 +69,9 @@ class QuantizationConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantizationConfig:
-        unknown = sorted(set(data) - {"precision", "algorithms", "subset_size"})
-        if unknown:
-            msg = f"Unknown config keys {unknown}; known: precision, algorithms, subset_size."
-            raise ValueError(msg)
+        """Build from JSON data, checked against :func:`~nncf_calibtip.config_schema.quantization_config_schema`
+        first, so that every problem in a file is reported at once with its place."""
+        validate_quantization_config(data)
         algorithms = []
         for entry in data.get("algorithms", []):
             entry = dict(entry)
@@ -94,7 +94,12 @@ class QuantizationConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> QuantizationConfig:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            msg = f"{path} is not valid JSON: {e}"
+            raise ValueError(msg) from e
+        return cls.from_dict(data)
 
 
 class DatasetPipeline(compat.Pipeline):

@@ -25,6 +25,8 @@ def parse_args(description: str, default_out: Path) -> argparse.Namespace:
         choices=("sequential", "parallel", "none"),
         help="AdaQuant flavour; 'none' is round-to-nearest",
     )
+    p.add_argument("--bn-tuning", action="store_true", help="add BN tuning after quantization")
+    p.add_argument("--bias-tuning", action="store_true", help="add label-free bias tuning at the end")
     p.add_argument("--calibration-size", type=int, default=1024)
     p.add_argument("--out", type=Path, default=default_out)
     return p.parse_args()
@@ -33,12 +35,31 @@ def parse_args(description: str, default_out: Path) -> argparse.Namespace:
 def config_from_args(args: argparse.Namespace) -> nncf_calibtip.QuantizationConfig:
     if args.config:
         return nncf_calibtip.QuantizationConfig.from_json(args.config)
-    algorithms = () if args.mode == "none" else (nncf_calibtip.AdaQuantConfig(mode=args.mode),)
+    algorithms: list = [] if args.mode == "none" else [nncf_calibtip.AdaQuantConfig(mode=args.mode)]
+    if args.bn_tuning:
+        algorithms.append(nncf_calibtip.BNTuningConfig())
+    if args.bias_tuning:
+        algorithms.append(nncf_calibtip.BiasTuningConfig())
     return nncf_calibtip.QuantizationConfig(
         precision=nncf_calibtip.PrecisionConfig(args.weight_bits, args.activation_bits),
-        algorithms=algorithms,
+        algorithms=tuple(algorithms),
         subset_size=args.calibration_size,
     )
+
+
+def describe(config: nncf_calibtip.QuantizationConfig) -> str:
+    """``"AdaQuant sequential + BN tuning + bias tuning"`` and the like."""
+    names = []
+    for a in config.algorithms:
+        if isinstance(a, nncf_calibtip.AdaQuantConfig):
+            names.append(f"AdaQuant {a.mode}")
+        elif isinstance(a, nncf_calibtip.BNTuningConfig):
+            names.append("BN tuning")
+        elif isinstance(a, nncf_calibtip.BiasTuningConfig):
+            names.append("bias tuning")
+    if not names or not isinstance(config.algorithms[0], nncf_calibtip.AdaQuantConfig):
+        names.insert(0, "round-to-nearest")
+    return " + ".join(names)
 
 
 def run(load_task: Callable[[], Task], description: str, default_out: Path) -> None:
@@ -60,7 +81,7 @@ def run(load_task: Callable[[], Task], description: str, default_out: Path) -> N
     problems = nncf_calibtip.check_ir_against_plan(exported, plan)
     print(f"plan: {plan.summary()}; IR against plan: {'; '.join(problems) or 'matches'}")
     p = config.precision
-    method = "round-to-nearest" if not config.algorithms else "AdaQuant " + config.algorithms[0].mode
+    method = describe(config)
     rows = experiment.measure(
         [
             {"method": "FP32", "xml": fp_xml},
