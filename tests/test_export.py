@@ -4,9 +4,12 @@ import pytest
 import torch
 
 import nncf_calibtip as nc
+from nncf_calibtip import compat
 from nncf_calibtip.evaluation import compile_ir
 from nncf_calibtip.placement import PrecisionConfig
 from nncf_calibtip.plan import LayerPrecision
+from nncf_calibtip.quantized_layers import find_quantized_layers
+from tests.ir_weights import ir_integer_weights
 
 
 @pytest.fixture
@@ -52,6 +55,22 @@ def test_openvino_output_matches_torch(quantized, test_data, tmp_path):
     assert np.median(np.abs(ov_out - torch_out)) <= 1e-4 * scale
     assert np.abs(ov_out - torch_out).max() <= 0.05 * scale
     assert (ov_out.argmax(1) == torch_out.argmax(1)).mean() >= 0.97
+
+
+def test_ir_stores_the_integers_torch_uses(quantized, test_data, tmp_path):
+    """Export puts weights on their grid, so OpenVINO's int4/int8 constants are torch's integers."""
+    res = nc.export_openvino(quantized, test_data[:1], tmp_path / "m.xml", input_shape=[(-1, 3, 16, 16)])
+    graph = compat.GraphModelWrapper(quantized, test_data[:1]).build_graph()
+    tensors = dict(quantized.named_parameters())
+    ir = ir_integer_weights(res.xml)
+    layers = find_quantized_layers(quantized, graph)
+    assert len(ir) == len(layers) == 5
+    with torch.no_grad():
+        for layer, ints in zip(layers, ir, strict=True):
+            wq = layer.weight_quantizer
+            grid = wq(tensors[layer.weight_name]) / (wq.scale.abs() / wq.level_high)
+            torch_ints = grid.round().to(torch.int64).numpy()
+            np.testing.assert_array_equal(ints.reshape(torch_ints.shape), torch_ints, err_msg=layer.name)
 
 
 def test_bad_path_is_an_error_and_writes_nothing(quantized, test_data, tmp_path):

@@ -2,7 +2,6 @@ import copy
 
 import nncf
 import numpy as np
-import openvino as ov
 import pytest
 import torch
 from torch import nn
@@ -12,6 +11,7 @@ from nncf_calibtip import compat
 from nncf_calibtip.evaluation import compile_ir
 from nncf_calibtip.quantized_layers import find_quantized_layers
 from tests.conftest import TinyNet, make_images
+from tests.ir_weights import ir_integer_weights
 
 W4A4 = nc.PrecisionConfig(4, 4, keep_first_last_8bit=False)
 
@@ -110,29 +110,13 @@ def test_layer_without_bias_or_batchnorm_gets_a_bias(calib_dataset, test_data, t
     assert np.abs(got - want).mean() < 0.02 * np.abs(want).mean()
 
 
-def _ir_integer_weights(xml) -> list[np.ndarray]:
-    """The integer weight constants of the IR's weighted operations, in order."""
-    out = []
-    for op in ov.Core().read_model(xml).get_ordered_ops():
-        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
-            continue
-        node = op.input_value(1).get_node()
-        for _ in range(6):
-            if node.get_type_name() == "Constant":
-                if node.get_element_type().get_type_name() in ("i4", "u4", "i8", "u8"):
-                    out.append(np.array(node.get_data()).copy())
-                break
-            node = node.input_value(0).get_node()
-    return out
-
-
 def test_ir_has_the_same_integer_weights_and_matches_torch(tiny_model, calib_dataset, test_data, tmp_path):
     rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
     tuned, _ = _tune(rtn, calib_dataset, nc.BNTuningConfig())
     shape = [(-1, 3, 16, 16)]
     before = nc.export_openvino(rtn, test_data[:1], tmp_path / "rtn.xml", input_shape=shape)
     after = nc.export_openvino(tuned, test_data[:1], tmp_path / "bn.xml", input_shape=shape)
-    ints_before, ints_after = _ir_integer_weights(before.xml), _ir_integer_weights(after.xml)
+    ints_before, ints_after = ir_integer_weights(before.xml), ir_integer_weights(after.xml)
     assert len(ints_before) == 5
     for a, b in zip(ints_before, ints_after, strict=True):
         np.testing.assert_array_equal(a, b)
