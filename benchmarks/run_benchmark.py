@@ -177,6 +177,7 @@ def main() -> None:
     p.add_argument("--rows", nargs="*", help="subset of rows (default: all)")
     p.add_argument("--calibration-size", type=int, default=1024)
     p.add_argument("--work", type=Path, default=ROOT / "out" / "benchmarks")
+    p.add_argument("--name", help="results file name (default: the model name) for extra runs")
     p.add_argument("--one-row", help=argparse.SUPPRESS)
     args = p.parse_args()
     work = args.work / args.model
@@ -228,7 +229,7 @@ def main() -> None:
         "openvino": __import__("openvino").__version__,
         "date": time.strftime("%Y-%m-%d"),
     }
-    out = ROOT / "benchmarks" / "results" / f"{args.model}.json"
+    out = ROOT / "benchmarks" / "results" / f"{args.name or args.model}.json"
     experiment.write_results(out, args.model, task.dataset, measured, extra)
     (out.with_suffix(".md")).write_text(table + "\n")
     print(f"wrote {out}")
