@@ -11,13 +11,14 @@ import torch
 from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerReport
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
+from nncf_calibtip.algorithms.base import StreamingAlgorithm
 from nncf_calibtip.calibration.data import count_samples, inference_items, rebatch, resolve_device
 
 #: Samples per forward pass when capturing a layer's inputs.
 _CAPTURE_BATCH = 256
 
 
-class AdaQuant(compat.Algorithm):
+class AdaQuant(StreamingAlgorithm):
     """AdaQuant (Hubara et al., 2021): per layer, optimise the weights, the bias, the weight
     scales and the input quantizer's range so that the quantized layer reproduces the FP
     layer's output on the calibration set.
@@ -34,24 +35,17 @@ class AdaQuant(compat.Algorithm):
     :param dataset: Calibration dataset, used when ``apply`` gets none.
     """
 
-    def __init__(self, config: AdaQuantConfig | None = None, dataset: nncf.Dataset | None = None) -> None:
-        self.config = config or AdaQuantConfig()
-        self.dataset = dataset
-        self.reports: list[LayerReport] = []
-        self.calibration_seconds = 0.0
+    name = "AdaQuant"
 
-    @property
-    def available_backends(self) -> list[compat.BackendType]:
-        return [compat.BackendType.TORCH]
+    def __init__(self, config: AdaQuantConfig | None = None, dataset: nncf.Dataset | None = None) -> None:
+        super().__init__(config or AdaQuantConfig(), dataset)
+        self.config: AdaQuantConfig
+        self.reports: list[LayerReport] = []
 
     def _backend(self, model: Any) -> AdaQuantBackend:
         from nncf_calibtip.algorithms.adaquant.torch_backend import PTAdaQuantBackend
 
         return PTAdaQuantBackend()
-
-    def get_statistic_points(self, model: Any, graph: compat.NNCFGraph) -> compat.StatisticPointsContainer:
-        # AdaQuant streams the dataset itself, one layer at a time: no statistics to collect.
-        return compat.StatisticPointsContainer()
 
     def apply(
         self,
@@ -60,13 +54,7 @@ class AdaQuant(compat.Algorithm):
         statistic_points: compat.StatisticPointsContainer | None = None,
         dataset: nncf.Dataset | None = None,
     ) -> Any:
-        dataset = dataset if dataset is not None else self.dataset
-        if dataset is None:
-            msg = (
-                "AdaQuant needs the calibration dataset: pass it as AdaQuant(config, dataset) or to apply(); "
-                "NNCF's Pipeline does not forward it."
-            )
-            raise ValueError(msg)
+        dataset = self._dataset(dataset)
         cfg = self.config
         items = inference_items(dataset, cfg.subset_size)
         n = count_samples(items)

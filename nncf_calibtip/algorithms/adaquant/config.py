@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from nncf_calibtip.algorithms.base import ConfigMixin
 
 AdaQuantMode = Literal["parallel", "sequential"]
 
 
 @dataclass(frozen=True)
-class AdaQuantConfig:
+class AdaQuantConfig(ConfigMixin):
     """AdaQuant: per layer, minimise ``||f(X W + b) - f(Q(X') Q(W + V) + b')||^2`` over the
     calibration set, where ``f`` is the BatchNorm and activation that follow the layer.
 
@@ -43,6 +45,8 @@ class AdaQuantConfig:
     :param seed: Seed of the mini-batch sampling; the same seed gives the same model.
     :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
     """
+
+    algorithm_name: ClassVar[str] = "AdaQuant"
 
     mode: AdaQuantMode = "sequential"
     iters: int = 200
@@ -82,18 +86,4 @@ class AdaQuantConfig:
         if not 0.0 <= self.holdout_fraction < 0.5:
             msg = f"holdout_fraction={self.holdout_fraction!r} must be in [0, 0.5)."
             raise ValueError(msg)
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
-            msg = f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'."
-            raise ValueError(msg)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> AdaQuantConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            msg = f"Unknown AdaQuant settings {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
-        return cls(**data)
+        self._check_device()

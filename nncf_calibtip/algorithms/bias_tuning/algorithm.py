@@ -8,12 +8,13 @@ from typing import Any
 import nncf
 
 from nncf_calibtip import compat
+from nncf_calibtip.algorithms.base import StreamingAlgorithm
 from nncf_calibtip.algorithms.bias_tuning.backend import BiasTuningBackend, BiasTuningReport
 from nncf_calibtip.algorithms.bias_tuning.config import BiasTuningConfig
 from nncf_calibtip.calibration.data import count_samples, inference_items, resolve_device
 
 
-class BiasTuning(compat.Algorithm):
+class BiasTuning(StreamingAlgorithm):
     """Bias tuning (Hubara et al., 2021): train only the biases of the quantized model, end to
     end, so that its output distribution matches the FP model's: KL divergence from the FP
     softmax to the quantized log-softmax, computed from unlabeled calibration data (the
@@ -31,24 +32,17 @@ class BiasTuning(compat.Algorithm):
     :param dataset: Calibration dataset, used when ``apply`` gets none.
     """
 
-    def __init__(self, config: BiasTuningConfig | None = None, dataset: nncf.Dataset | None = None) -> None:
-        self.config = config or BiasTuningConfig()
-        self.dataset = dataset
-        self.reports: list[BiasTuningReport] = []
-        self.calibration_seconds = 0.0
+    name = "Bias tuning"
 
-    @property
-    def available_backends(self) -> list[compat.BackendType]:
-        return [compat.BackendType.TORCH]
+    def __init__(self, config: BiasTuningConfig | None = None, dataset: nncf.Dataset | None = None) -> None:
+        super().__init__(config or BiasTuningConfig(), dataset)
+        self.config: BiasTuningConfig
+        self.reports: list[BiasTuningReport] = []
 
     def _backend(self, model: Any) -> BiasTuningBackend:
         from nncf_calibtip.algorithms.bias_tuning.torch_backend import PTBiasTuningBackend
 
         return PTBiasTuningBackend()
-
-    def get_statistic_points(self, model: Any, graph: compat.NNCFGraph) -> compat.StatisticPointsContainer:
-        # Trained end to end on the dataset: no statistics to collect.
-        return compat.StatisticPointsContainer()
 
     def apply(
         self,
@@ -57,13 +51,7 @@ class BiasTuning(compat.Algorithm):
         statistic_points: compat.StatisticPointsContainer | None = None,
         dataset: nncf.Dataset | None = None,
     ) -> Any:
-        dataset = dataset if dataset is not None else self.dataset
-        if dataset is None:
-            msg = (
-                "Bias tuning needs the calibration dataset: pass it as BiasTuning(config, dataset) or to apply(); "
-                "NNCF's Pipeline does not forward it."
-            )
-            raise ValueError(msg)
+        dataset = self._dataset(dataset)
         cfg = self.config
         items = inference_items(dataset, cfg.subset_size)
         n = count_samples(items)

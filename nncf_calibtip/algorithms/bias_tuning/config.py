@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from nncf_calibtip.algorithms.base import ConfigMixin
 
 BiasTuningLoss = Literal["kl", "mse", "cosine"]
 BiasTuningOptimizer = Literal["sgd", "adam"]
@@ -11,7 +13,7 @@ LRSchedule = Literal["cosine", "constant"]
 
 
 @dataclass(frozen=True)
-class BiasTuningConfig:
+class BiasTuningConfig(ConfigMixin):
     """Bias tuning: train only the biases of the quantized model (the layers' biases, or the
     shifts of the BatchNorms after layers without one) so that its outputs match the FP
     model's on unlabeled calibration data. Labels are never read.
@@ -37,6 +39,8 @@ class BiasTuningConfig:
     :param seed: Seed of the mini-batch sampling; the same seed gives the same model.
     :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
     """
+
+    algorithm_name: ClassVar[str] = "bias tuning"
 
     loss: BiasTuningLoss = "kl"
     steps: int = 200
@@ -78,18 +82,4 @@ class BiasTuningConfig:
         if not 0.0 <= self.holdout_fraction < 0.5:
             msg = f"holdout_fraction={self.holdout_fraction!r} must be in [0, 0.5)."
             raise ValueError(msg)
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
-            msg = f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'."
-            raise ValueError(msg)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BiasTuningConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            msg = f"Unknown bias tuning settings {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
-        return cls(**data)
+        self._check_device()

@@ -8,12 +8,13 @@ from typing import Any
 import nncf
 
 from nncf_calibtip import compat
+from nncf_calibtip.algorithms.base import StreamingAlgorithm
 from nncf_calibtip.algorithms.bn_tuning.backend import BNTuningBackend, ChannelStatsReport
 from nncf_calibtip.algorithms.bn_tuning.config import BNTuningConfig
 from nncf_calibtip.calibration.data import count_samples, inference_items, rebatch, resolve_device
 
 
-class BNTuning(compat.Algorithm):
+class BNTuning(StreamingAlgorithm):
     """BN tuning (Hubara et al., 2021, "global statistics tuning"): quantization shifts and
     scales each layer's output channels; re-estimate their statistics on the quantized model
     with a true average over the calibration set, re-normalise them to the FP model's, and fold
@@ -33,24 +34,17 @@ class BNTuning(compat.Algorithm):
     :param dataset: Calibration dataset, used when ``apply`` gets none.
     """
 
-    def __init__(self, config: BNTuningConfig | None = None, dataset: nncf.Dataset | None = None) -> None:
-        self.config = config or BNTuningConfig()
-        self.dataset = dataset
-        self.reports: list[ChannelStatsReport] = []
-        self.calibration_seconds = 0.0
+    name = "BN tuning"
 
-    @property
-    def available_backends(self) -> list[compat.BackendType]:
-        return [compat.BackendType.TORCH]
+    def __init__(self, config: BNTuningConfig | None = None, dataset: nncf.Dataset | None = None) -> None:
+        super().__init__(config or BNTuningConfig(), dataset)
+        self.config: BNTuningConfig
+        self.reports: list[ChannelStatsReport] = []
 
     def _backend(self, model: Any) -> BNTuningBackend:
         from nncf_calibtip.algorithms.bn_tuning.torch_backend import PTBNTuningBackend
 
         return PTBNTuningBackend()
-
-    def get_statistic_points(self, model: Any, graph: compat.NNCFGraph) -> compat.StatisticPointsContainer:
-        # The statistics depend on corrections made during the same pass: collected by the backend.
-        return compat.StatisticPointsContainer()
 
     def apply(
         self,
@@ -59,13 +53,7 @@ class BNTuning(compat.Algorithm):
         statistic_points: compat.StatisticPointsContainer | None = None,
         dataset: nncf.Dataset | None = None,
     ) -> Any:
-        dataset = dataset if dataset is not None else self.dataset
-        if dataset is None:
-            msg = (
-                "BN tuning needs the calibration dataset: pass it as BNTuning(config, dataset) or to apply(); "
-                "NNCF's Pipeline does not forward it."
-            )
-            raise ValueError(msg)
+        dataset = self._dataset(dataset)
         cfg = self.config
         items = inference_items(dataset, cfg.subset_size)
         n = count_samples(items)

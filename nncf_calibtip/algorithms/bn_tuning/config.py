@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from nncf_calibtip.algorithms.base import ConfigMixin
 
 BNTarget = Literal["fp_statistics", "batchnorm"]
 
 
 @dataclass(frozen=True)
-class BNTuningConfig:
+class BNTuningConfig(ConfigMixin):
     """BN tuning: re-normalise each quantized layer's output channels to the FP model's, then
     fold the correction into the layer's per-channel weight scales and bias, so the integer
     weights stay as they are.
@@ -32,6 +34,8 @@ class BNTuningConfig:
     :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
     """
 
+    algorithm_name: ClassVar[str] = "BN tuning"
+
     target: BNTarget = "fp_statistics"
     include_linear: bool = False
     max_std_ratio: float = 2.0
@@ -51,18 +55,4 @@ class BNTuningConfig:
         if not self.max_std_ratio >= 1.0:
             msg = f"max_std_ratio={self.max_std_ratio!r} must be at least 1."
             raise ValueError(msg)
-        if not (self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda")):
-            msg = f"device={self.device!r} must be 'auto', 'cpu' or 'cuda[:N]'."
-            raise ValueError(msg)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BNTuningConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            msg = f"Unknown BN tuning settings {unknown}; known: {sorted(known)}."
-            raise ValueError(msg)
-        return cls(**data)
+        self._check_device()
