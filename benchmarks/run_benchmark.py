@@ -105,17 +105,20 @@ def quantize_row(model_name: str, row: str, work: Path, calibration_size: int) -
         return quantize_chain(task, row, calib, work, example, shape, calibration_size, start)
     calib_s = time.perf_counter() - start
     nc.export_openvino(quantized, example, xml, input_shape=shape)
-    return [
-        {
-            "row": row,
-            "method": method,
-            "weight_bits": bits[0],
-            "activation_bits": bits[1],
-            "xml": str(xml),
-            "calib_s": calib_s,
-            "peak_rss_mb": experiment.peak_rss_mb(),
-        }
-    ]
+    return [entry(row, method, bits, xml, calib_s)]
+
+
+def entry(row: str, method: str, bits: tuple, xml: Path, calib_s: float) -> dict:
+    """What a child reports for one exported row."""
+    return {
+        "row": row,
+        "method": method,
+        "weight_bits": bits[0],
+        "activation_bits": bits[1],
+        "xml": str(xml),
+        "calib_s": calib_s,
+        "peak_rss_mb": experiment.peak_rss_mb(),
+    }
 
 
 def quantize_chain(
@@ -157,17 +160,7 @@ def quantize_chain(
             method += f" + {STAGES[stage]}"
         xml = work / f"{name}.xml"
         nc.export_openvino(quantized, example, xml, input_shape=shape)
-        out.append(
-            {
-                "row": name,
-                "method": method,
-                "weight_bits": bits[0],
-                "activation_bits": bits[1],
-                "xml": str(xml),
-                "calib_s": calib_s,
-                "peak_rss_mb": experiment.peak_rss_mb(),
-            }
-        )
+        out.append(entry(name, method, bits, xml, calib_s))
     return out
 
 

@@ -219,7 +219,7 @@ def quantize(
     work = copy.deepcopy(model).eval()
     wrapped = compat.GraphModelWrapper(compat.wrap_model(work), example)
     result = pipeline.run(wrapped, calibration_dataset)
-    quantized = result.model if isinstance(result, compat.GraphModelWrapper) else result
+    quantized = compat.unwrap(result)
     setup = algorithms[0]
     out = QuantizationResult(plan=setup.applied_plan)
     _collect_reports(out, algorithms[1:])
@@ -250,7 +250,7 @@ def refine(model: nn.Module, calibration_dataset: nncf.Dataset, *configs: Algori
     result = DatasetPipeline([[a] for a in algorithms]).run(
         compat.GraphModelWrapper(work, example), calibration_dataset
     )
-    refined = result.model if isinstance(result, compat.GraphModelWrapper) else result
+    refined = compat.unwrap(result)
     out = QuantizationResult(plan=previous.plan, reports=dict(previous.reports), seconds=dict(previous.seconds))
     _collect_reports(out, algorithms)
     setattr(refined, RESULT_ATTRIBUTE, out)

@@ -106,6 +106,11 @@ def store_quantizer_range(quantizer: BaseQuantizer, value: torch.Tensor) -> None
     storage.data.copy_(value.log() if quantizer._is_using_log_scale_storage else value)
 
 
+def unwrap(model: Any) -> torch.nn.Module:
+    """The torch model inside NNCF's ``GraphModelWrapper`` (the model itself otherwise)."""
+    return model.model if isinstance(model, GraphModelWrapper) else model
+
+
 def register_first_post_function_hook(model: torch.nn.Module, op_name: str, port_id: int, hook: torch.nn.Module) -> Any:
     """Like NNCF's ``register_post_function_hook``, but ``hook`` runs before the hooks already
     there (e.g. sees a layer's output before the quantizer placed on it). Their names stay."""
@@ -167,5 +172,6 @@ __all__ = [
     "store_quantizer_range",
     "symmetric_quantize",
     "track",
+    "unwrap",
     "wrap_model",
 ]

@@ -20,8 +20,10 @@ import torch
 from torch import nn
 
 from nncf_calibtip import compat
+from nncf_calibtip.calibration.fp_reference import copy_without_fp_state
 from nncf_calibtip.placement import get_plan
 from nncf_calibtip.plan import PrecisionPlan
+from nncf_calibtip.quantized_layers import find_quantized_layers
 
 #: Bits of an IR weight constant by element type.
 _CONST_BITS = {"i2": 2, "u2": 2, "i4": 4, "u4": 4, "i8": 8, "u8": 8}
@@ -113,9 +115,6 @@ def _weights_on_grid(model: nn.Module, example_input: Any) -> nn.Module:
     """
     if not compat.is_wrapped(model):
         return model
-    from nncf_calibtip.calibration.fp_reference import copy_without_fp_state
-    from nncf_calibtip.quantized_layers import find_quantized_layers
-
     copy = copy_without_fp_state(model)
     graph = compat.GraphModelWrapper(copy, example_input).build_graph()
     tensors = dict(copy.named_parameters())

@@ -182,7 +182,7 @@ class PrecisionSetup(compat.Algorithm):
         statistic_points: compat.StatisticPointsContainer | None = None,
         dataset: Any | None = None,
     ) -> Any:
-        torch_model = model.model if isinstance(model, compat.GraphModelWrapper) else model
+        torch_model = compat.unwrap(model)
         layers = find_quantized_layers(torch_model, graph)
         if not layers:
             msg = "No quantized conv/linear layers found: run NNCF MinMax quantization before PrecisionSetup."

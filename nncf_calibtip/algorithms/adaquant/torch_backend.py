@@ -48,7 +48,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
     """Torch implementation of the AdaQuant steps."""
 
     def find_layers(self, model: Any, graph: compat.NNCFGraph) -> list[QuantizedLayer]:
-        return find_quantized_layers(_torch_model(model), graph)
+        return find_quantized_layers(compat.unwrap(model), graph)
 
     def start(
         self,
@@ -58,7 +58,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
         items: Sequence[Any],
         config: AdaQuantConfig,
     ) -> _Session:
-        torch_model = _torch_model(model)
+        torch_model = compat.unwrap(model)
         original = next(torch_model.parameters()).device
         torch_model.to(device).eval()
         # The FP reference: the same graph with every quantizer off and the FP weights
@@ -156,7 +156,3 @@ class PTAdaQuantBackend(AdaQuantBackend):
 def _layer_only_output(layer: QuantizedLayer, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     bias = tensors[layer.bias_name] if layer.bias_name else None
     return call_op(layer.node, {0: x, 1: tensors[layer.weight_name], 2: bias})
-
-
-def _torch_model(model: Any) -> nn.Module:
-    return model.model if isinstance(model, compat.GraphModelWrapper) else model

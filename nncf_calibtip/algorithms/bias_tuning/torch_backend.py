@@ -22,10 +22,6 @@ from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers
 _EVAL_CHUNK = 256
 
 
-def _torch_model(model: Any) -> nn.Module:
-    return model.model if isinstance(model, compat.GraphModelWrapper) else model
-
-
 def output_loss(kind: str, temperature: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The distance between the quantized output ``q`` and the FP output ``t`` (both batched)."""
     if kind == "kl":
@@ -59,6 +55,10 @@ class _Samples:
             self.items = list(items)
             self.count = len(self.items)
         self.device = device
+        # Item mode: the row of the stacked outputs where each item starts (sample mode: row = index).
+        self.starts = [0]
+        for item in self.items:
+            self.starts.append(self.starts[-1] + count_samples([item]))
 
     def batch(self, index: torch.Tensor) -> Any:
         if self.pool is not None:
@@ -102,7 +102,7 @@ class PTBiasTuningBackend(BiasTuningBackend):
     """Torch implementation of bias tuning."""
 
     def find_layers(self, model: Any, graph: compat.NNCFGraph) -> list[QuantizedLayer]:
-        return find_quantized_layers(_torch_model(model), graph)
+        return find_quantized_layers(compat.unwrap(model), graph)
 
     @staticmethod
     def trainable_tensors(
@@ -129,7 +129,7 @@ class PTBiasTuningBackend(BiasTuningBackend):
         config: BiasTuningConfig,
         device: torch.device,
     ) -> BiasTuningReport:
-        torch_model = _torch_model(model)
+        torch_model = compat.unwrap(model)
         original = next(torch_model.parameters()).device
         torch_model.to(device).eval()
         remember_fp_state(torch_model)
@@ -161,7 +161,7 @@ class PTBiasTuningBackend(BiasTuningBackend):
         def held_out_loss() -> float:
             total, count = 0.0, 0
             with torch.no_grad():
-                offset = _offset(samples, hold_start)
+                offset = hold_start if unit else samples.starts[hold_start]
                 for b in samples.chunks(hold_start, n):
                     out = _output(model, b)
                     total += float(loss_fn(out, targets[offset : offset + len(out)])) * len(out)
@@ -178,7 +178,6 @@ class PTBiasTuningBackend(BiasTuningBackend):
         else:
             opt = torch.optim.Adam(tensors, lr=config.lr)
         bs = min(config.batch_size, n_train) if unit else 1
-        starts = _item_offsets(samples)
         with _only_trainable(model, tensors):
             for step in compat.track(range(config.steps), description="Bias tuning"):
                 if config.lr_schedule == "cosine":
@@ -190,7 +189,7 @@ class PTBiasTuningBackend(BiasTuningBackend):
                     target = targets[index.to(targets.device)]
                 else:
                     i = int(index[0])
-                    target = targets[starts[i] : starts[i + 1]]
+                    target = targets[samples.starts[i] : samples.starts[i + 1]]
                 loss = loss_fn(out, target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -203,16 +202,3 @@ class PTBiasTuningBackend(BiasTuningBackend):
                     t.copy_(s)
             after, kept = before, False
         return BiasTuningReport(config.loss, len(tensors), count_samples(items), n_hold, before, after, kept)
-
-
-def _item_offsets(samples: _Samples) -> list[int]:
-    """Where each item's outputs start in the stacked FP outputs (item mode)."""
-    offsets = [0]
-    for item in samples.items:
-        offsets.append(offsets[-1] + count_samples([item]))
-    return offsets
-
-
-def _offset(samples: _Samples, unit: int) -> int:
-    """Row of the stacked FP outputs where sample/item ``unit`` starts."""
-    return unit if samples.pool is not None else _item_offsets(samples)[unit]

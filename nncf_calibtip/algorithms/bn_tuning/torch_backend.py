@@ -23,10 +23,6 @@ from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers
 _MIN_STD = 1e-6
 
 
-def _torch_model(model: Any) -> nn.Module:
-    return model.model if isinstance(model, compat.GraphModelWrapper) else model
-
-
 def _is_linear(layer: QuantizedLayer) -> bool:
     return layer.node.metatype is compat.LINEAR_METATYPE
 
@@ -88,7 +84,7 @@ class PTBNTuningBackend(BNTuningBackend):
     """Torch implementation of BN tuning."""
 
     def find_layers(self, model: Any, graph: compat.NNCFGraph, config: BNTuningConfig) -> list[QuantizedLayer]:
-        layers = find_quantized_layers(_torch_model(model), graph)
+        layers = find_quantized_layers(compat.unwrap(model), graph)
         out = []
         for layer in layers:
             if _is_linear(layer) and not config.include_linear:
@@ -106,7 +102,7 @@ class PTBNTuningBackend(BNTuningBackend):
         config: BNTuningConfig,
         device: torch.device,
     ) -> list[ChannelStatsReport]:
-        torch_model = _torch_model(model)
+        torch_model = compat.unwrap(model)
         original = next(torch_model.parameters()).device
         torch_model.to(device).eval()
         remember_fp_state(torch_model)
