@@ -35,6 +35,11 @@ class AdaQuantConfig(ConfigMixin):
     :param optimize_weight_scale: Train the per-channel weight scales.
     :param optimize_activation_range: Train the input quantizer's range (a quantizer shared by
         several layers is trained by the first of them only).
+    :param input_drop: Probability with which each input element skips the layer's input
+        quantizer in a training step (QDrop, Wei et al. 2022): the weights then fit a range
+        of activation noise instead of the calibration set's exact one, which carries over
+        better to unseen data. 0 disables it; the held-out report and the final model always
+        quantize every element.
     :param holdout_fraction: Share of the calibration samples kept out of the optimisation to
         report each layer's reconstruction error before and after, and to keep the
         round-to-nearest result of a layer AdaQuant did not improve.
@@ -59,6 +64,7 @@ class AdaQuantConfig(ConfigMixin):
     optimize_bias: bool = True
     optimize_weight_scale: bool = True
     optimize_activation_range: bool = True
+    input_drop: float = 0.5
     holdout_fraction: float = 0.1
     subset_size: int = 1024
     fp_cache_mb: int = 1024
@@ -82,6 +88,9 @@ class AdaQuantConfig(ConfigMixin):
             raise ValueError(msg)
         if self.max_weight_change is not None and not self.max_weight_change > 0:
             msg = f"max_weight_change={self.max_weight_change!r} must be positive or None."
+            raise ValueError(msg)
+        if not 0.0 <= self.input_drop < 1.0:
+            msg = f"input_drop={self.input_drop!r} must be in [0, 1)."
             raise ValueError(msg)
         if not 0.0 <= self.holdout_fraction < 0.5:
             msg = f"holdout_fraction={self.holdout_fraction!r} must be in [0, 0.5)."

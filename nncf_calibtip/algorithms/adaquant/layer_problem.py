@@ -151,11 +151,16 @@ class LayerProblem:
         y = call_op(self.layer.node, {0: x, 1: self.fp.weight, 2: self.fp.bias})
         return self._tail(y, None)
 
-    def quantized_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The quantized layer on (unquantized) input ``x``, with the current changes."""
+    def quantized_output(self, x: torch.Tensor, keep_fp: torch.Tensor | None = None) -> torch.Tensor:
+        """The quantized layer on (unquantized) input ``x``, with the current changes.
+
+        :param keep_fp: Optional boolean mask of ``x``'s shape: where set, the input stays
+            unquantized (QDrop-style random dropping of the input quantization in training).
+        """
         iq = self.layer.input_quantizer
         if iq is not None:
-            x = _quantize_input(iq, x, self.low_shift, self.range_scale, self.low0, self.range0)
+            xq = _quantize_input(iq, x, self.low_shift, self.range_scale, self.low0, self.range0)
+            x = xq if keep_fp is None else torch.where(keep_fp, x, xq)
         db = self._bias_change()
         bias = self.fp.bias
         if self.bias_target == "bias":

@@ -130,7 +130,11 @@ class PTAdaQuantBackend(AdaQuantBackend):
                 for g, lr in zip(opt.param_groups, base, strict=False):
                     g["lr"] = lr * f
                 idx = torch.randint(0, n_train, (bs,), generator=gen).to(session.device)
-                loss = (problem.quantized_output(inputs[idx]) - targets[idx]).pow(2).mean()
+                x = inputs[idx]
+                keep_fp = None
+                if config.input_drop > 0 and layer.input_quantizer is not None:
+                    keep_fp = (torch.rand(x.shape, generator=gen) < config.input_drop).to(session.device)
+                loss = (problem.quantized_output(x, keep_fp) - targets[idx]).pow(2).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

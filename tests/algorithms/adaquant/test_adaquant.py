@@ -17,9 +17,9 @@ def _mse_to_fp(fp, q, x):
         return (q(x) - fp(x)).pow(2).mean().item()
 
 
-@pytest.mark.parametrize("mode", ["parallel", "sequential"])
-def test_every_layer_reconstructs_better_than_round_to_nearest(tiny_model, calib_dataset, mode):
-    cfg = nc.AdaQuantConfig(mode=mode, iters=150, holdout_fraction=0.25)
+@pytest.mark.parametrize(("mode", "input_drop"), [("parallel", 0.5), ("sequential", 0.5), ("sequential", 0.0)])
+def test_every_layer_reconstructs_better_than_round_to_nearest(tiny_model, calib_dataset, mode, input_drop):
+    cfg = nc.AdaQuantConfig(mode=mode, iters=150, holdout_fraction=0.25, input_drop=input_drop)
     q = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
     reports = nc.get_result(q).reports["adaquant"]
     assert len(reports) == 5
@@ -98,6 +98,8 @@ def test_too_small_calibration_set_is_an_error(tiny_model, calib_data):
         {"batch_size": -1},
         {"lr_weight": -1.0},
         {"holdout_fraction": 0.7},
+        {"input_drop": 1.0},
+        {"input_drop": -0.1},
         {"device": "tpu"},
         {"max_weight_change": 0.0},
     ],
