@@ -37,9 +37,10 @@ class AdaQuantConfig(ConfigMixin):
         several layers is trained by the first of them only).
     :param input_drop: Probability with which each input element skips the layer's input
         quantizer in a training step (QDrop, Wei et al. 2022): the weights then fit a range
-        of activation noise instead of the calibration set's exact one, which carries over
-        better to unseen data. 0 disables it; the held-out report and the final model always
-        quantize every element.
+        of activation noise instead of the calibration set's exact one. Off (0) by default:
+        0.5 improved the FP agreement on unseen data of both sample models but its random
+        mask costs 10-25% of the optimisation time, and test accuracy moved both ways (see
+        the README). The held-out report and the final model always quantize every element.
     :param holdout_fraction: Share of the calibration samples kept out of the optimisation to
         report each layer's reconstruction error before and after, and to keep the
         round-to-nearest result of a layer AdaQuant did not improve.
@@ -64,7 +65,7 @@ class AdaQuantConfig(ConfigMixin):
     optimize_bias: bool = True
     optimize_weight_scale: bool = True
     optimize_activation_range: bool = True
-    input_drop: float = 0.5
+    input_drop: float = 0.0
     holdout_fraction: float = 0.1
     subset_size: int = 1024
     fp_cache_mb: int = 1024
