@@ -2,6 +2,8 @@
 
     python benchmarks/run_benchmark.py --model resnet20
     python benchmarks/run_benchmark.py --model efficientnet_lite0
+    python benchmarks/run_benchmark.py --model resnet20 --rows adaquant_sequential_W4A4 \
+        --set adaquant.input_drop=0.5 --name resnet20_input_drop
 
 Each quantization runs in its own process (so its calibration time and peak RSS are its own),
 exports an IR, and then all IRs are measured in this process: accuracy on the 10,000 held-out
@@ -12,6 +14,7 @@ side in interleaved rounds. Writes ``benchmarks/results/<model>.json`` and print
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -23,6 +26,7 @@ import torch
 
 import nncf_calibtip as nc
 from nncf_calibtip import evaluation
+from nncf_calibtip.api import ALGORITHM_CONFIGS
 from nncf_calibtip.zoo import experiment
 from nncf_calibtip.zoo.task import Task
 
@@ -69,6 +73,43 @@ def chain(row: str) -> list[str]:
     return ["+".join([base, *stages[:i]]) + tail for i in range(len(stages) + 1)]
 
 
+Settings = dict[str, dict[str, object]]
+
+
+def parse_settings(items: list[str]) -> Settings:
+    """``["adaquant.input_drop=0.5"]`` -> ``{"adaquant": {"input_drop": 0.5}}``: config fields
+    every row's algorithm of that name gets instead of its default. Values are JSON (a bare
+    word is a string); each is checked by building the config."""
+    out: Settings = {}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        algorithm, _, field = key.partition(".")
+        if not eq or algorithm not in ALGORITHM_CONFIGS or not field:
+            msg = f"--set {item!r}: use ALGORITHM.FIELD=VALUE with ALGORITHM one of {sorted(ALGORITHM_CONFIGS)}."
+            raise SystemExit(msg)
+        cls = ALGORITHM_CONFIGS[algorithm]
+        if field not in {f.name for f in dataclasses.fields(cls)}:
+            msg = f"--set {item!r}: {cls.__name__} has no field {field!r}."
+            raise SystemExit(msg)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(algorithm, {})[field] = value
+    for algorithm, fields in out.items():
+        try:
+            ALGORITHM_CONFIGS[algorithm](**fields)
+        except (TypeError, ValueError) as e:
+            raise SystemExit(f"--set {algorithm}: {e}") from e
+    return out
+
+
+def configured(config: object, settings: Settings) -> object:
+    """``config`` with the ``--set`` fields of its algorithm."""
+    name = next(n for n, cls in ALGORITHM_CONFIGS.items() if isinstance(config, cls))
+    return dataclasses.replace(config, **settings.get(name, {}))
+
+
 def load_task(model: str, with_test: bool) -> Task:
     if model == "resnet20":
         from nncf_calibtip.zoo import resnet
@@ -82,7 +123,7 @@ def load_task(model: str, with_test: bool) -> Task:
     raise ValueError(msg)
 
 
-def quantize_row(model_name: str, row: str, work: Path, calibration_size: int) -> list[dict]:
+def quantize_row(model_name: str, row: str, work: Path, calibration_size: int, settings: Settings) -> list[dict]:
     """Quantize and export one row and the rows on its way (runs in a child process)."""
     task = load_task(model_name, with_test=False)
     example = torch.from_numpy(task.calibration_pool[:1])
@@ -102,7 +143,7 @@ def quantize_row(model_name: str, row: str, work: Path, calibration_size: int) -
         bits: tuple[int | None, int | None] = (8, 8)
         method = "NNCF INT8 (nncf.quantize defaults)"
     else:
-        return quantize_chain(task, row, calib, work, example, shape, calibration_size, start)
+        return quantize_chain(task, row, calib, work, example, shape, calibration_size, start, settings)
     calib_s = time.perf_counter() - start
     nc.export_openvino(quantized, example, xml, input_shape=shape)
     return [entry(row, method, bits, xml, calib_s)]
@@ -130,6 +171,7 @@ def quantize_chain(
     shape: list,
     calibration_size: int,
     start: float,
+    settings: Settings,
 ) -> list[dict]:
     """Quantize with the row's base method, then add its stages one by one; every stage is
     exported as its own row, with the calibration time summed from the start."""
@@ -142,7 +184,7 @@ def quantize_chain(
         cfg = nc.AdaQuantConfig(mode=mode)
         if suffix == "1000steps":
             cfg = nc.AdaQuantConfig(mode=mode, iters=1000, batch_size=50)
-        algorithms = (cfg,)
+        algorithms = (configured(cfg, settings),)
         method = f"AdaQuant {mode}" + (" (1000 steps x 50, reference schedule)" if suffix == "1000steps" else "")
     config = nc.QuantizationConfig(
         precision=nc.PrecisionConfig(*bits), algorithms=algorithms, subset_size=calibration_size
@@ -153,7 +195,7 @@ def quantize_chain(
     for i, name in enumerate(chain(row)):
         if i:
             stage = stages[i - 1]
-            stage_cfg = nc.BNTuningConfig() if stage == "bn" else nc.BiasTuningConfig()
+            stage_cfg = configured(nc.BNTuningConfig() if stage == "bn" else nc.BiasTuningConfig(), settings)
             t0 = time.perf_counter()
             quantized = nc.refine(quantized, calib, stage_cfg)
             calib_s += time.perf_counter() - t0  # exports in between are not calibration
@@ -171,12 +213,20 @@ def main() -> None:
     p.add_argument("--calibration-size", type=int, default=1024)
     p.add_argument("--work", type=Path, default=ROOT / "out" / "benchmarks")
     p.add_argument("--name", help="results file name (default: the model name) for extra runs")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="ALGORITHM.FIELD=VALUE",
+        help="a config field for every row that runs that algorithm, e.g. adaquant.input_drop=0.5 (repeatable)",
+    )
     p.add_argument("--one-row", help=argparse.SUPPRESS)
     args = p.parse_args()
+    settings = parse_settings(args.set)
     work = args.work / args.model
     work.mkdir(parents=True, exist_ok=True)
     if args.one_row:
-        result = quantize_row(args.model, args.one_row, work, args.calibration_size)
+        result = quantize_row(args.model, args.one_row, work, args.calibration_size, settings)
         (work / f"{args.one_row}.json").write_text(json.dumps(result))
         return
 
@@ -202,6 +252,7 @@ def main() -> None:
             str(args.work),
             "--calibration-size",
             str(args.calibration_size),
+            *(f"--set={item}" for item in args.set),
         ]
         subprocess.run(cmd, check=True)
         for entry in json.loads((work / f"{row}.json").read_text()):
@@ -215,6 +266,7 @@ def main() -> None:
     extra = {
         "command": "python benchmarks/run_benchmark.py " + " ".join(sys.argv[1:]),
         "calibration_samples": args.calibration_size,
+        "settings": settings,
         "test_samples": int(len(task.y_test)),
         "cpu": evaluation.cpu_description(),
         "torch": torch.__version__,

@@ -78,7 +78,7 @@ class BiasTuning(StreamingAlgorithm):
         self.calibration_seconds = time.perf_counter() - start
         compat.nncf_logger.info(
             f"Bias tuning done in {self.calibration_seconds:.1f} s: held-out {cfg.loss} "
-            f"{report.loss_before:.5g} -> {report.loss_after:.5g}"
-            + ("" if report.kept else " (did not improve: biases put back)")
+            f"{report.loss_before:.5g} -> {report.loss_tuned:.5g} (+-{report.change_stderr:.2g})"
+            + ("" if report.kept else ": significantly worse, biases put back")
         )
         return model

@@ -20,8 +20,11 @@ class BiasTuningReport:
     :param samples: Calibration samples used (training and held-out).
     :param held_out: Samples kept for the figures (0: they are on the training samples).
     :param loss_before: Loss to the FP model's outputs before tuning.
-    :param loss_after: The same after tuning.
-    :param kept: False when tuning did not lower the held-out loss and the biases were put back.
+    :param loss_after: The same after tuning (equal to ``loss_before`` when the biases were put back).
+    :param kept: False when the held-out loss rose significantly (by more than two standard
+        errors of its per-sample change) and the biases were put back.
+    :param loss_tuned: The held-out loss the tuned biases reached, kept or not.
+    :param change_stderr: Standard error of the held-out loss change (0 without held-out samples).
     """
 
     loss: str
@@ -31,6 +34,8 @@ class BiasTuningReport:
     loss_before: float
     loss_after: float
     kept: bool
+    loss_tuned: float
+    change_stderr: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

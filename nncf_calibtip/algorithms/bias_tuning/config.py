@@ -34,7 +34,9 @@ class BiasTuningConfig(ConfigMixin):
     :param train_last_input_range: Also train the input quantizer range of the last layer
         (as the reference did).
     :param holdout_fraction: Share of the calibration samples kept out of training to report
-        the loss before and after; when the held-out loss rises, the biases are put back.
+        the loss before and after; when the held-out loss rises by more than two standard
+        errors of its per-sample change (a real failure, not the noise of ~100 samples), the
+        biases are put back.
     :param subset_size: Calibration samples used at most.
     :param seed: Seed of the mini-batch sampling; the same seed gives the same model.
     :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.

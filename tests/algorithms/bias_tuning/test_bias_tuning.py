@@ -8,6 +8,7 @@ from torch import nn
 
 import nncf_calibtip as nc
 from nncf_calibtip import compat
+from nncf_calibtip.algorithms.bias_tuning.torch_backend import significantly_worse
 from tests.conftest import TinyNet, make_images
 
 W4A4 = nc.PrecisionConfig(4, 4, keep_first_last_8bit=False)
@@ -29,6 +30,41 @@ def test_bias_tuning_lowers_kl_on_held_out_data_and_leaves_weights(tiny_model, c
     a, b = dict(rtn.named_parameters()), dict(tuned.named_parameters())
     for name in ("stem.weight", "dw.weight", "pw.weight", "grouped.weight", "fc.weight", "bn0.weight"):
         assert torch.equal(a[name], b[name]), name
+
+
+def test_put_back_only_when_held_out_loss_rises_beyond_its_noise():
+    g = torch.Generator().manual_seed(0)
+    before = torch.rand(100, generator=g)
+    noise = 0.3 * torch.randn(100, generator=g)
+    assert not significantly_worse(before, before + noise - noise.mean() + 0.01)[0]  # within noise
+    assert significantly_worse(before, before + noise - noise.mean() + 0.2)[0]  # ~7 standard errors
+    assert not significantly_worse(before, before - 0.2)[0]
+    assert significantly_worse(before, before + torch.nan)[0]
+
+
+def test_diverging_tuning_is_put_back(tiny_model, calib_dataset):
+    rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
+    cfg = nc.BiasTuningConfig(steps=20, lr=1e3, lr_schedule="constant")
+    bad = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    report = nc.get_result(bad).reports["bias_tuning"][0]
+    assert not report["kept"] and report["loss_after"] == report["loss_before"]
+    assert not report["loss_tuned"] <= report["loss_before"] + 2 * report["change_stderr"]
+    a = dict(rtn.named_parameters())
+    for name, p in bad.named_parameters():
+        assert torch.equal(p, a[name]), name
+
+
+def test_last_input_range_is_trained_when_asked(tiny_model, calib_dataset):
+    cfg = nc.BiasTuningConfig(steps=50, train_last_input_range=True)
+    rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
+    tuned = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    report = nc.get_result(tuned).reports["bias_tuning"][0]
+    assert report["kept"] and report["tensors"] == 7  # the five biases, the last input's low end and range
+    before = dict(rtn.named_parameters())
+    changed = {n for n, p in tuned.named_parameters() if p.is_floating_point() and not torch.equal(p, before[n])}
+    ranges = {n for n in changed if not n.endswith(".bias")}
+    # The quantizer after the global mean pool feeds the classifier: its low end and its range.
+    assert len(ranges) == 2 and all("/mean/" in n for n in ranges), changed
 
 
 class Embedder(nn.Module):
