@@ -23,7 +23,7 @@ class BiasTuningConfig(ConfigMixin):
         regression, any output that is not a distribution).
     :param steps: Optimiser steps. The reference used 800 at a constant learning rate; 200
         with cosine decay reached a lower held-out KL in a quarter of the time on the ResNet-20
-        sample (README, "Bias tuning schedule").
+        sample (measured when this default was set).
     :param batch_size: Samples per step, drawn at random from the calibration set (reference 50).
     :param lr: Learning rate (reference: SGD, 0.1).
     :param optimizer: ``"sgd"`` (the reference) or ``"adam"``.
