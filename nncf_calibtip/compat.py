@@ -106,6 +106,37 @@ def store_quantizer_range(quantizer: BaseQuantizer, value: torch.Tensor) -> None
     storage.data.copy_(value.log() if quantizer._is_using_log_scale_storage else value)
 
 
+def zero_on_grid(low: torch.Tensor, range_: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An asymmetric range ``(low, range)`` on which zero is a grid point.
+
+    NNCF's ``TuneRange`` moves a range so that zero is on its grid, except when zero lies within
+    half a step of one end (its zero point rounds to 0 or ``levels - 1``): it then leaves the
+    range as it is and NNCF's fake quantization rounds differently from OpenVINO's
+    FakeQuantize, so the exported model no longer matches torch. Moving that end to zero is
+    the nearest range on which both agree. Differentiable where it changes nothing.
+    """
+    range_ = range_.abs()
+    high = low + range_
+    with torch.no_grad():
+        low_c, high_c = low.clamp(max=0), high.clamp(min=0)
+        zp = torch.round(-low_c * (levels - 1) / (high_c - low_c).clamp_min(torch.finfo(low.dtype).tiny))
+        at_low = (zp == 0) & (low < 0)
+        at_high = (zp == levels - 1) & (high > 0)
+    low = torch.where(at_low, torch.zeros_like(low), low)
+    high = torch.where(at_high, torch.zeros_like(high), high)
+    return low, high - low
+
+
+@torch.no_grad()
+def put_zero_on_grid(quantizer: BaseQuantizer) -> None:
+    """Apply :func:`zero_on_grid` to an asymmetric quantizer's stored range (in place)."""
+    if not isinstance(quantizer, AsymmetricQuantizer):
+        return
+    low, range_ = zero_on_grid(quantizer.input_low, quantizer.input_range, quantizer.levels)
+    quantizer.input_low.copy_(low)
+    store_quantizer_range(quantizer, range_)
+
+
 def unwrap(model: Any) -> torch.nn.Module:
     """The torch model inside NNCF's ``GraphModelWrapper`` (the model itself otherwise)."""
     return model.model if isinstance(model, GraphModelWrapper) else model
@@ -165,6 +196,7 @@ __all__ = [
     "is_hook_node",
     "is_wrapped",
     "nncf_logger",
+    "put_zero_on_grid",
     "register_first_post_function_hook",
     "register_post_function_hook",
     "register_pre_function_hook",
@@ -174,4 +206,5 @@ __all__ = [
     "track",
     "unwrap",
     "wrap_model",
+    "zero_on_grid",
 ]

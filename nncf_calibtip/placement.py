@@ -144,6 +144,8 @@ def apply_plan(model: torch.nn.Module, layers: list[QuantizedLayer], plan: Preci
         if layer.input_quantizer is not None:
             iq = layer.input_quantizer
             compat.set_quantizer_bits(iq, p.activation_bits, narrow_range=iq.narrow_range, half_range=False)
+            # MinMax's range can leave zero off a low-bit grid, where OpenVINO rounds differently.
+            compat.put_zero_on_grid(iq)
 
 
 PLAN_ATTRIBUTE = "_calibtip_plan"

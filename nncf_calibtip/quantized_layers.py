@@ -61,6 +61,15 @@ class QuantizedLayer:
             n *= int(d)
         return n
 
+    @property
+    def is_linear(self) -> bool:
+        return self.node.metatype is compat.LINEAR_METATYPE
+
+    @property
+    def output_channel_dim(self) -> int:
+        """Channel axis of the layer output: last for linear layers, 1 for convolutions."""
+        return -1 if self.is_linear else 1
+
 
 def _hooks_at(storage: nn.Module, kind: str, op_name: str, port: int) -> list[tuple[str, nn.Module]]:
     """Hooks registered on one port: ``[(hook name, module)]``."""

@@ -35,6 +35,11 @@ class AdaQuantConfig(ConfigMixin):
     :param optimize_weight_scale: Train the per-channel weight scales.
     :param optimize_activation_range: Train the input quantizer's range (a quantizer shared by
         several layers is trained by the first of them only).
+    :param range_search: Before the gradient steps, set the input range and the per-channel
+        weight scales to the points of a small grid (fractions of the MinMax ones) with the
+        lowest reconstruction error on up to ``range_search_samples`` training samples; the
+        steps then refine them. Off: start from MinMax's ranges, as the paper does.
+    :param range_search_samples: Calibration samples the range search scores on.
     :param input_drop: Probability with which each input element skips the layer's input
         quantizer in a training step (QDrop, Wei et al. 2022): the weights then fit a range
         of activation noise instead of the calibration set's exact one. Off (0) by default:
@@ -65,6 +70,8 @@ class AdaQuantConfig(ConfigMixin):
     optimize_bias: bool = True
     optimize_weight_scale: bool = True
     optimize_activation_range: bool = True
+    range_search: bool = True
+    range_search_samples: int = 128
     input_drop: float = 0.0
     holdout_fraction: float = 0.1
     subset_size: int = 1024
@@ -76,7 +83,7 @@ class AdaQuantConfig(ConfigMixin):
         if self.mode not in ("parallel", "sequential"):
             msg = f"mode={self.mode!r} is not supported; use 'parallel' or 'sequential'."
             raise ValueError(msg)
-        for name in ("iters", "batch_size", "subset_size"):
+        for name in ("iters", "batch_size", "subset_size", "range_search_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 msg = f"{name}={getattr(self, name)!r} must be a positive integer."
                 raise ValueError(msg)

@@ -36,10 +36,8 @@ def _quantize_input(
     range0: torch.Tensor,
 ) -> torch.Tensor:
     if isinstance(q, compat.AsymmetricQuantizer):
-        low = low0 + range0 * low_shift
-        return compat.asymmetric_quantize(
-            x, q.levels, q.level_low, q.level_high, low, range0 * (1 + range_scale), q.eps
-        )
+        low, range_ = compat.zero_on_grid(low0 + range0 * low_shift, range0 * (1 + range_scale), q.levels)
+        return compat.asymmetric_quantize(x, q.levels, q.level_low, q.level_high, low, range_, q.eps)
     return compat.symmetric_quantize(x, q.levels, q.level_low, q.level_high, range0 * (1 + range_scale), q.eps)
 
 
@@ -197,6 +195,7 @@ class LayerProblem:
             if isinstance(iq, compat.AsymmetricQuantizer):
                 iq.input_low.copy_(self.low0 + self.range0 * self.low_shift)
             compat.store_quantizer_range(iq, new_range)
+            compat.put_zero_on_grid(iq)  # as the forward above saw it
 
 
 def cosine_lr(step: int, total: int) -> float:

@@ -14,6 +14,7 @@ from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerReport
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
 from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem, cosine_lr
+from nncf_calibtip.algorithms.adaquant.range_search import search_input_range, search_weight_scales
 from nncf_calibtip.calibration.capture import capture_input, quantizers_disabled
 from nncf_calibtip.calibration.fp_reference import fp_reference, remember_fp_state
 from nncf_calibtip.calibration.input_cache import FPInputCache, input_bytes_per_sample
@@ -118,6 +119,12 @@ class PTAdaQuantBackend(AdaQuantBackend):
         report_x, report_y = (inputs[n_train:], targets[n_train:]) if n_hold else (inputs, targets)
         before = _relative_error(problem, report_x, report_y)
         t1 = time.perf_counter()
+        if config.range_search:
+            m = min(n_train, config.range_search_samples)
+            # Input range first: at 4 bits its error dominates, and it changes which weight
+            # scales are best.
+            search_input_range(problem, inputs[:m], targets[:m])
+            search_weight_scales(problem, inputs[:m], targets[:m])
 
         groups = problem.trainable()
         if groups and config.iters > 0:

@@ -217,6 +217,10 @@ class PTBiasTuningBackend(BiasTuningBackend):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+        if config.train_last_input_range:
+            for layer in layers:
+                if layer.is_last and layer.input_quantizer is not None:
+                    compat.put_zero_on_grid(layer.input_quantizer)  # else OpenVINO rounds differently
         after = held_out_losses()
         worse, stderr = significantly_worse(before, after) if n_hold else (False, 0.0)
         if worse:

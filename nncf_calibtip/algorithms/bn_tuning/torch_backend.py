@@ -23,17 +23,9 @@ from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers
 _MIN_STD = 1e-6
 
 
-def _is_linear(layer: QuantizedLayer) -> bool:
-    return layer.node.metatype is compat.LINEAR_METATYPE
-
-
 def _output_node(layer: QuantizedLayer) -> compat.NNCFNode:
     """Where the layer's channel statistics are taken: after its BatchNorm, if it has one."""
     return layer.batch_norm if layer.batch_norm is not None else layer.node
-
-
-def _channel_dim(layer: QuantizedLayer) -> int:
-    return -1 if _is_linear(layer) else 1
 
 
 def _bn_eps(node: compat.NNCFNode) -> float:
@@ -66,7 +58,7 @@ def _observe(
     the fly when given, so later layers see corrected inputs)."""
     hooks = {
         layer.name: ChannelStatsHook(
-            _channel_dim(layer), targets[layer.name] if targets else None, max_std_ratio, _MIN_STD
+            layer.output_channel_dim, targets[layer.name] if targets else None, max_std_ratio, _MIN_STD
         )
         for layer in layers
     }
@@ -87,7 +79,7 @@ class PTBNTuningBackend(BNTuningBackend):
         layers = find_quantized_layers(compat.unwrap(model), graph)
         out = []
         for layer in layers:
-            if _is_linear(layer) and not config.include_linear:
+            if layer.is_linear and not config.include_linear:
                 continue
             if config.target == "batchnorm" and not {1, 2}.issubset(layer.batch_norm_params):
                 continue

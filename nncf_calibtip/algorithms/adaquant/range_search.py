@@ -1,0 +1,90 @@
+"""Starting ranges for AdaQuant: the input range and per-channel weight scales that minimise
+the layer's own reconstruction error on a grid, before the gradient steps refine them.
+
+MinMax ranges are poor below 8 bits: at 4 bits a per-channel absmax, or a mean of per-sample
+maxima, spends most of the 16 levels on rare large values. AdaQuant's steps on the ranges are
+small relative steps (a few percent over a whole run for the weight scales), so they stay near
+where they start; this search decides where that is, on the objective AdaQuant minimises
+(the error after the layer's BatchNorm and activation, with the other quantizer on).
+Round-to-nearest's ranges are on both grids, so the search never starts AdaQuant worse than
+round-to-nearest on the samples it sees.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nncf_calibtip import compat
+from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem
+
+#: Fractions of the MinMax per-channel weight scale tried (1.0 is round-to-nearest's).
+WEIGHT_SCALE_GRID = tuple(1.0 - 0.05 * i for i in range(11))
+#: Fractions of each end of the MinMax input range tried (1.0 is round-to-nearest's).
+RANGE_END_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+#: Samples per chunk of the search's forward passes (bounds temporary memory).
+_CHUNK = 128
+
+
+def _channel_errors(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared error of the quantized layer per output channel, summed over ``x``."""
+    dim = problem.layer.output_channel_dim
+    total = None
+    for i in range(0, len(x), _CHUNK):
+        d = (problem.quantized_output(x[i : i + _CHUNK]) - y[i : i + _CHUNK]).double().pow(2)
+        dim_i = dim % d.dim()
+        e = d.sum(dim=[k for k in range(d.dim()) if k != dim_i])
+        total = e if total is None else total + e
+    return total
+
+
+@torch.no_grad()
+def search_input_range(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Shrink the upper, then the lower end of the layer's input range to the grid point with
+    the lowest error (only for a layer that trains its input quantizer)."""
+    if not problem.train_input_range:
+        return
+    low0, range0 = problem.low0, problem.range0
+    high0 = low0 + range0
+    asymmetric = isinstance(problem.layer.input_quantizer, compat.AsymmetricQuantizer)
+
+    def set_ends(low: torch.Tensor, high: torch.Tensor) -> None:
+        if asymmetric:
+            problem.low_shift.copy_((low - low0) / range0)
+            problem.range_scale.copy_((high - low) / range0 - 1)
+        else:  # symmetric: the range is [-scale, scale] (or [0, scale] unsigned)
+            problem.range_scale.copy_(high / range0 - 1)
+
+    def best_of(candidates: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        errors = []
+        for low, high in candidates:
+            set_ends(low, high)
+            errors.append(float(_channel_errors(problem, x, y).sum()))
+        return candidates[min(range(len(errors)), key=errors.__getitem__)]
+
+    low, high = best_of([(low0, high0 * f) if asymmetric else (low0, range0 * f) for f in RANGE_END_GRID])
+    if asymmetric and bool((low0 < 0).any()):
+        low, high = best_of([(low0 * f, high) for f in RANGE_END_GRID])
+    set_ends(low, high)
+
+
+@torch.no_grad()
+def search_weight_scales(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Per output channel, the weight scale on the grid with the lowest error. Output channels
+    are independent (BatchNorm and activations act per channel), so one forward pass per grid
+    point scores every channel at once."""
+    scale = problem.delta_scale
+    if not scale.requires_grad:
+        return
+    errors = []
+    for f in WEIGHT_SCALE_GRID:
+        scale.fill_(f - 1)
+        errors.append(_channel_errors(problem, x, y))
+    err = torch.stack(errors)  # [grid, channels]
+    grid = torch.tensor(WEIGHT_SCALE_GRID, dtype=scale.dtype, device=scale.device)
+    if scale.numel() == err.shape[1]:
+        best = grid[err.argmin(0)]
+    elif scale.numel() == 1:
+        best = grid[err.sum(1).argmin()]
+    else:  # a scale layout that does not map to output channels: keep MinMax's
+        best = torch.ones((), dtype=scale.dtype, device=scale.device)
+    scale.copy_((best - 1).reshape(-1).expand(scale.numel()).reshape(scale.shape))

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+import nncf_calibtip as nc
+from nncf_calibtip.algorithms.adaquant.range_search import RANGE_END_GRID, WEIGHT_SCALE_GRID
+from nncf_calibtip.placement import PrecisionConfig
+
+W4A4 = PrecisionConfig(4, 4, keep_first_last_8bit=False)
+# No gradient steps: the model is round-to-nearest with the searched ranges.
+SEARCH_ONLY = {"iters": 1, "lr_weight": 0.0, "lr_bias": 0.0, "lr_weight_scale": 0.0, "lr_activation_range": 0.0}
+
+
+def _mse_to_fp(fp, q, x):
+    with torch.no_grad():
+        return (q(x) - fp(x)).pow(2).mean().item()
+
+
+def test_search_alone_beats_round_to_nearest_per_layer_and_on_unseen_data(tiny_model, calib_dataset, test_data):
+    cfg = nc.AdaQuantConfig(mode="sequential", holdout_fraction=0.25, **SEARCH_ONLY)
+    q = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    reports = nc.get_result(q).reports["adaquant"]
+    # Held-out samples (not searched on): every layer's error drops below round-to-nearest's.
+    for r in reports:
+        assert r["kept"] and r["error_after"] < r["error_before"], r
+    rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
+    assert _mse_to_fp(tiny_model, q, test_data) < 0.8 * _mse_to_fp(tiny_model, rtn, test_data)
+
+
+def test_search_off_starts_from_min_max(tiny_model, calib_dataset, test_data):
+    cfg = nc.AdaQuantConfig(range_search=False, **SEARCH_ONLY)
+    q = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
+    with torch.no_grad():
+        torch.testing.assert_close(q(test_data), rtn(test_data), rtol=0, atol=0)
+
+
+def test_searched_weight_scales_are_grid_points(tiny_model, calib_dataset):
+    rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
+    q = nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(**SEARCH_ONLY), precision=W4A4)
+    rtn_scales = {k: v for k, v in rtn.state_dict().items() if k.endswith(".scale")}
+    q_scales = {k: v for k, v in q.state_dict().items() if k.endswith(".scale")}
+    assert rtn_scales.keys() == q_scales.keys() and rtn_scales
+    grid = torch.tensor(WEIGHT_SCALE_GRID + RANGE_END_GRID, dtype=torch.float64)
+    moved = 0
+    for k, v in q_scales.items():
+        ratio = (v.double().abs() / rtn_scales[k].double().abs()).reshape(-1)
+        assert torch.isclose(ratio[:, None], grid[None, :], atol=1e-5).any(1).all(), k
+        moved += int((ratio < 1 - 1e-6).sum())
+    assert moved > 0
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_range_search_samples_validated(n):
+    with pytest.raises(ValueError, match="range_search_samples"):
+        nc.AdaQuantConfig(range_search_samples=n)
