@@ -13,6 +13,7 @@ from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerRepo
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
 from nncf_calibtip.algorithms.base import StreamingAlgorithm
 from nncf_calibtip.calibration.data import count_samples, inference_items, rebatch, resolve_device
+from nncf_calibtip.calibration.fitted_layers import mark_fitted
 
 #: Samples per forward pass when capturing a layer's inputs.
 _CAPTURE_BATCH = 256
@@ -93,6 +94,7 @@ class AdaQuant(StreamingAlgorithm):
                 )
         finally:
             backend.finish(session)
+        mark_fitted(compat.unwrap(model), [r.name for r in self.reports if r.kept])
         self.calibration_seconds = time.perf_counter() - start
         improved = sum(r.error_after < r.error_before for r in self.reports)
         compat.nncf_logger.info(

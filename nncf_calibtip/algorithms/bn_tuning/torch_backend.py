@@ -15,6 +15,7 @@ from nncf_calibtip.algorithms.bn_tuning.backend import BNTuningBackend, ChannelS
 from nncf_calibtip.algorithms.bn_tuning.config import BNTuningConfig
 from nncf_calibtip.calibration.channel_stats import ChannelStats, ChannelStatsHook, distance, std_ratio
 from nncf_calibtip.calibration.data import call_model, iterate_on
+from nncf_calibtip.calibration.fitted_layers import fitted_layers
 from nncf_calibtip.calibration.fp_reference import fp_reference, fp_tensors, remember_fp_state
 from nncf_calibtip.placement import MIN_WEIGHT_SCALE
 from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers
@@ -52,13 +53,16 @@ def _observe(
     items: Sequence[Any],
     device: torch.device,
     targets: dict[str, ChannelStats] | None = None,
-    max_std_ratio: float = 2.0,
+    max_std_ratios: dict[str, float] | None = None,
 ) -> dict[str, ChannelStats]:
     """One pass over ``items``: each layer's output statistics (re-normalised to ``targets`` on
     the fly when given, so later layers see corrected inputs)."""
     hooks = {
         layer.name: ChannelStatsHook(
-            layer.output_channel_dim, targets[layer.name] if targets else None, max_std_ratio, _MIN_STD
+            layer.output_channel_dim,
+            targets[layer.name] if targets else None,
+            max_std_ratios[layer.name] if max_std_ratios else 1.0,
+            _MIN_STD,
         )
         for layer in layers
     }
@@ -70,6 +74,16 @@ def _observe(
         for item in iterate_on(items, device):
             call_model(model, item)
     return {name: hook.stats() for name, hook in hooks.items()}
+
+
+def _max_std_ratios(model: nn.Module, layers: Sequence[QuantizedLayer], config: BNTuningConfig) -> dict[str, float]:
+    """Per layer, the bound on its std rescaling: 1 (means only) where ``config.rescale`` says so."""
+    fitted = fitted_layers(model)
+    out = {}
+    for layer in layers:
+        means_only = config.rescale == "never" or (config.rescale == "auto" and layer.name in fitted)
+        out[layer.name] = 1.0 if means_only else config.max_std_ratio
+    return out
 
 
 class PTBNTuningBackend(BNTuningBackend):
@@ -104,11 +118,12 @@ class PTBNTuningBackend(BNTuningBackend):
             targets = self._targets(torch_model, layers, items, config, device, tensors)
             nan = float("nan")
             before = _observe(torch_model, layers, items, device) if config.report else {}
-            tuned = _observe(torch_model, layers, items, device, targets, config.max_std_ratio)
+            ratios = _max_std_ratios(torch_model, layers, config)
+            tuned = _observe(torch_model, layers, items, device, targets, ratios)
             reports = []
             for layer in compat.track(layers, description="BN tuning: folding"):
                 t, q = targets[layer.name], tuned[layer.name]
-                rescaled, clamped = _fold(torch_model, layer, tensors, t, q, config.max_std_ratio)
+                rescaled, clamped = _fold(torch_model, layer, tensors, t, q, ratios[layer.name])
                 b = distance(before[layer.name], t) if config.report else (nan, nan)
                 reports.append(ChannelStatsReport(layer.name, int(t.mean.numel()), *b, nan, nan, rescaled, clamped))
             if config.report:
@@ -164,7 +179,7 @@ def _fold(
     channels = weight.shape[0]
     raw = std_ratio(target.std, tuned.std, math.inf, _MIN_STD)
     a = raw.clamp(1 / max_std_ratio, max_std_ratio)
-    clamped = int((a != raw).sum())
+    clamped = int((a != raw).sum()) if max_std_ratio > 1 else 0
     per_channel = _per_channel_scale(wq, channels)
     if not per_channel:
         a = torch.ones_like(a)

@@ -63,6 +63,28 @@ def test_channel_statistics_reach_the_target_and_integers_stay(tiny_model, calib
     assert sum(moved) == 4
 
 
+def _scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        layer.name: layer.weight_quantizer.scale.detach().clone()
+        for layer in find_quantized_layers(model, _graph(model))
+    }
+
+
+@pytest.mark.parametrize("rescale", ["auto", "always", "never"])
+def test_layers_adaquant_fitted_keep_their_spread_by_default(tiny_model, calib_dataset, rescale):
+    aq = nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(iters=30), precision=W4A4)
+    fitted = {r["name"] for r in nc.get_result(aq).reports["adaquant"] if r["kept"]}
+    assert fitted
+    tuned, algorithm = _tune(aq, calib_dataset, nc.BNTuningConfig(rescale=rescale))
+    before, after = _scales(aq), _scales(tuned)
+    for r in algorithm.reports:
+        stretched = rescale == "always" or (rescale == "auto" and r.name not in fitted)
+        assert torch.equal(before[r.name], after[r.name]) != stretched, r.name
+        assert (r.rescaled > 0) == stretched, r
+        # Every layer's mean is corrected either way.
+        assert r.mean_error_after < 0.5 * r.mean_error_before + 1e-6, r
+
+
 def test_brings_the_model_closer_to_fp_without_batchnorm_modules(calib_dataset, test_data):
     """BN folded into the convolutions before quantization: the FP outputs are the target."""
     model = TinyNet().eval()
@@ -152,5 +174,7 @@ def test_bad_input_is_named(tiny_model, calib_dataset):
         nc.BNTuning(nc.BNTuningConfig(), one).apply(rtn, _graph(rtn))
     with pytest.raises(ValueError, match="target="):
         nc.BNTuningConfig(target="running")
+    with pytest.raises(ValueError, match="rescale="):
+        nc.BNTuningConfig(rescale="sometimes")
     with pytest.raises(ValueError, match="Unknown BN tuning settings"):
         nc.BNTuningConfig.from_dict({"momentum": 0.1})
