@@ -38,7 +38,8 @@ class AdaQuantConfig(ConfigMixin):
     :param range_search: Before the gradient steps, set the input range and the per-channel
         weight scales to the points of a small grid (fractions of the MinMax ones) with the
         lowest reconstruction error on up to ``range_search_samples`` training samples; the
-        steps then refine them. Off: start from MinMax's ranges, as the paper does.
+        steps then refine them (each only where ``optimize_activation_range`` /
+        ``optimize_weight_scale`` is on). Off: start from MinMax's ranges, as the paper does.
     :param range_search_samples: Calibration samples the range search scores on.
     :param input_drop: Probability with which each input element skips the layer's input
         quantizer in a training step (QDrop, Wei et al. 2022): the weights then fit a range
