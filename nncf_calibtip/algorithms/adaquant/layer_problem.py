@@ -166,6 +166,19 @@ class LayerProblem:
         y = call_op(self.layer.node, {0: x, 1: self.quantized_weight(), 2: bias})
         return self._tail(y, db if self.bias_target == "bn" else None)
 
+    @torch.no_grad()
+    def channel_errors(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """Squared error of :meth:`quantized_output` against ``y`` per output channel, summed
+        over ``x`` in chunks of ``chunk`` samples (bounds temporary memory); float64."""
+        dim = self.layer.output_channel_dim
+        total = None
+        for i in range(0, len(x), chunk):
+            d = (self.quantized_output(x[i : i + chunk]) - y[i : i + chunk]).double().pow(2)
+            dim_i = dim % d.dim()
+            e = d.sum(dim=[k for k in range(d.dim()) if k != dim_i])
+            total = e if total is None else total + e
+        return total
+
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         """Back to round-to-nearest (all changes zero)."""

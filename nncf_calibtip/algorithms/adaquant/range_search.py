@@ -21,20 +21,6 @@ from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem
 WEIGHT_SCALE_GRID = tuple(1.0 - 0.05 * i for i in range(11))
 #: Fractions of each end of the MinMax input range tried (1.0 is round-to-nearest's).
 RANGE_END_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
-#: Samples per chunk of the search's forward passes (bounds temporary memory).
-_CHUNK = 128
-
-
-def _channel_errors(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Squared error of the quantized layer per output channel, summed over ``x``."""
-    dim = problem.layer.output_channel_dim
-    total = None
-    for i in range(0, len(x), _CHUNK):
-        d = (problem.quantized_output(x[i : i + _CHUNK]) - y[i : i + _CHUNK]).double().pow(2)
-        dim_i = dim % d.dim()
-        e = d.sum(dim=[k for k in range(d.dim()) if k != dim_i])
-        total = e if total is None else total + e
-    return total
 
 
 @torch.no_grad()
@@ -58,7 +44,7 @@ def search_input_range(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) 
         errors = []
         for low, high in candidates:
             set_ends(low, high)
-            errors.append(float(_channel_errors(problem, x, y).sum()))
+            errors.append(float(problem.channel_errors(x, y).sum()))
         return candidates[min(range(len(errors)), key=errors.__getitem__)]
 
     low, high = best_of([(low0, high0 * f) if asymmetric else (low0, range0 * f) for f in RANGE_END_GRID])
@@ -78,7 +64,7 @@ def search_weight_scales(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor
     errors = []
     for f in WEIGHT_SCALE_GRID:
         scale.fill_(f - 1)
-        errors.append(_channel_errors(problem, x, y))
+        errors.append(problem.channel_errors(x, y))
     err = torch.stack(errors)  # [grid, channels]
     grid = torch.tensor(WEIGHT_SCALE_GRID, dtype=scale.dtype, device=scale.device)
     if scale.numel() == err.shape[1]:

@@ -36,13 +36,8 @@ class _Session:
 
 def _relative_error(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> float:
     """``||y_q - y||^2 / ||y||^2`` over a cached set."""
-    err, ref = 0.0, 0.0
-    with torch.no_grad():
-        for i in range(0, len(x), _EVAL_CHUNK):
-            yt = y[i : i + _EVAL_CHUNK]
-            err += (problem.quantized_output(x[i : i + _EVAL_CHUNK]) - yt).pow(2).sum().item()
-            ref += yt.pow(2).sum().item()
-    return err / max(ref, 1e-30)
+    ref = sum(float(y[i : i + _EVAL_CHUNK].double().pow(2).sum()) for i in range(0, len(y), _EVAL_CHUNK))
+    return float(problem.channel_errors(x, y, _EVAL_CHUNK).sum()) / max(ref, 1e-30)
 
 
 class PTAdaQuantBackend(AdaQuantBackend):
