@@ -94,7 +94,7 @@ class AdaQuant(StreamingAlgorithm):
                 )
         finally:
             backend.finish(session)
-        mark_fitted(compat.unwrap(model), [r.name for r in self.reports if r.kept])
+        mark_fitted(compat.unwrap(model), [r.name for r in self.reports if r.kept], cfg.mode)
         self.calibration_seconds = time.perf_counter() - start
         improved = sum(r.error_after < r.error_before for r in self.reports)
         compat.nncf_logger.info(

@@ -67,6 +67,18 @@ class BNTuning(StreamingAlgorithm):
             what = "followed by a BatchNorm" if cfg.target == "batchnorm" else "(conv, or linear with include_linear)"
             msg = f"BN tuning found no quantized layers {what}: run MinMax (and PrecisionSetup) first."
             raise ValueError(msg)
+        fit_modes = backend.fit_modes(model)
+        skipped = {layer.name for layer in layers if cfg.treatment(fit_modes.get(layer.name)) == "skip"}
+        layers = [layer for layer in layers if layer.name not in skipped]
+        if skipped:
+            compat.nncf_logger.info(
+                f"BN tuning leaves the {len(skipped)} layers sequential AdaQuant fitted as they are "
+                "(rescale='auto'; rescale='always' tunes them too)"
+            )
+        self.reports = []
+        if not layers:
+            compat.nncf_logger.info("BN tuning: no layer left to tune, the model is unchanged")
+            return model
         compat.nncf_logger.info(f"BN tuning ({cfg.target}) on {len(layers)} layers, {n} samples")
         start = time.perf_counter()
         self.reports = backend.tune(model, layers, items, cfg, resolve_device(cfg.device))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -45,6 +45,11 @@ class BNTuningBackend(ABC):
     @abstractmethod
     def find_layers(self, model: Any, graph: compat.NNCFGraph, config: BNTuningConfig) -> list[Any]:
         """The quantized layers to tune, in execution order."""
+
+    @abstractmethod
+    def fit_modes(self, model: Any) -> Mapping[str, str]:
+        """Layer name -> how AdaQuant fitted it (``"sequential"`` / ``"parallel"``), for the
+        layers an earlier algorithm fitted on ``model``."""
 
     @abstractmethod
     def tune(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -77,13 +77,12 @@ def _observe(
 
 
 def _max_std_ratios(model: nn.Module, layers: Sequence[QuantizedLayer], config: BNTuningConfig) -> dict[str, float]:
-    """Per layer, the bound on its std rescaling: 1 (means only) where ``config.rescale`` says so."""
+    """Per layer, the bound on its std rescaling: 1 (means only) where ``config.treatment`` says so."""
     fitted = fitted_layers(model)
-    out = {}
-    for layer in layers:
-        means_only = config.rescale == "never" or (config.rescale == "auto" and layer.name in fitted)
-        out[layer.name] = 1.0 if means_only else config.max_std_ratio
-    return out
+    return {
+        layer.name: 1.0 if config.treatment(fitted.get(layer.name)) == "means" else config.max_std_ratio
+        for layer in layers
+    }
 
 
 class PTBNTuningBackend(BNTuningBackend):
@@ -99,6 +98,9 @@ class PTBNTuningBackend(BNTuningBackend):
                 continue
             out.append(layer)
         return out
+
+    def fit_modes(self, model: Any) -> Mapping[str, str]:
+        return fitted_layers(compat.unwrap(model))
 
     def tune(
         self,

@@ -70,19 +70,50 @@ def _scales(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def _means(model: nn.Module, dataset: nncf.Dataset) -> dict[str, torch.Tensor]:
+    """Each quantized layer's per-channel output means on ``dataset``, as BN tuning measures them."""
+    from nncf_calibtip.algorithms.bn_tuning.torch_backend import _observe
+
+    layers = find_quantized_layers(model, _graph(model))
+    stats = _observe(model, layers, list(dataset.get_inference_data()), torch.device("cpu"))
+    return {name: s.mean for name, s in stats.items()}
+
+
+def _expected_treatment(rescale: str, mode: str, fitted: bool) -> str:
+    if rescale == "always":
+        return "full"
+    if rescale == "never":
+        return "means"
+    if not fitted:
+        return "full"
+    return "skip" if mode == "sequential" else "means"
+
+
 @pytest.mark.parametrize("rescale", ["auto", "always", "never"])
-def test_layers_adaquant_fitted_keep_their_spread_by_default(tiny_model, calib_dataset, rescale):
-    aq = nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(iters=30), precision=W4A4)
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_layers_adaquant_fitted_are_left_or_only_recentred_by_default(tiny_model, calib_dataset, rescale, mode):
+    aq = nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(iters=30, mode=mode), precision=W4A4)
     fitted = {r["name"] for r in nc.get_result(aq).reports["adaquant"] if r["kept"]}
-    assert fitted
+    tunable = {r.name for r in _tune(aq, calib_dataset, nc.BNTuningConfig(rescale="always"))[1].reports}
+    assert tunable & fitted
     tuned, algorithm = _tune(aq, calib_dataset, nc.BNTuningConfig(rescale=rescale))
+    reports = {r.name: r for r in algorithm.reports}
     before, after = _scales(aq), _scales(tuned)
-    for r in algorithm.reports:
-        stretched = rescale == "always" or (rescale == "auto" and r.name not in fitted)
-        assert torch.equal(before[r.name], after[r.name]) != stretched, r.name
-        assert (r.rescaled > 0) == stretched, r
-        # Every layer's mean is corrected either way.
-        assert r.mean_error_after < 0.5 * r.mean_error_before + 1e-6, r
+    for name in tunable:
+        treatment = _expected_treatment(rescale, mode, name in fitted)
+        if treatment == "skip":
+            assert name not in reports
+            assert torch.equal(before[name], after[name]), name
+            continue
+        assert torch.equal(before[name], after[name]) == (treatment == "means"), name
+        assert (reports[name].rescaled > 0) == (treatment == "full"), name
+        # The means are corrected either way.
+        assert reports[name].mean_error_after < 0.5 * reports[name].mean_error_before + 1e-6, name
+    if rescale == "auto" and mode == "sequential" and tunable <= fitted:
+        # Nothing to tune: the model comes back exactly as AdaQuant left it.
+        assert not algorithm.reports
+        for (k, v_aq), v_tuned in zip(aq.state_dict().items(), tuned.state_dict().values(), strict=True):
+            assert torch.equal(v_aq, v_tuned), k
 
 
 def test_brings_the_model_closer_to_fp_without_batchnorm_modules(calib_dataset, test_data):
