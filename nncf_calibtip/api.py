@@ -16,6 +16,7 @@ from nncf_calibtip.algorithms.adaquant import AdaQuant, AdaQuantConfig
 from nncf_calibtip.algorithms.bias_tuning import BiasTuning, BiasTuningConfig
 from nncf_calibtip.algorithms.bn_tuning import BNTuning, BNTuningConfig
 from nncf_calibtip.calibration.data import inference_items
+from nncf_calibtip.calibration.fp_reference import remember_fp_state
 from nncf_calibtip.config_schema import validate_quantization_config
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
 from nncf_calibtip.plan import PrecisionPlan
@@ -220,6 +221,10 @@ def quantize(
     wrapped = compat.GraphModelWrapper(compat.wrap_model(work), example)
     result = pipeline.run(wrapped, calibration_dataset)
     quantized = compat.unwrap(result)
+    # Keep the FP tensors on the model even when no algorithm changed a weight: a later
+    # refine() then compares with the real FP model, also after a saved state was loaded into
+    # this placement (round-to-nearest + load_state_dict). A no-op when an algorithm stored it.
+    remember_fp_state(quantized)
     setup = algorithms[0]
     out = QuantizationResult(plan=setup.applied_plan)
     _collect_reports(out, algorithms[1:])
