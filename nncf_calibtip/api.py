@@ -15,7 +15,7 @@ from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant import AdaQuant, AdaQuantConfig
 from nncf_calibtip.algorithms.bias_tuning import BiasTuning, BiasTuningConfig
 from nncf_calibtip.algorithms.bn_tuning import BNTuning, BNTuningConfig
-from nncf_calibtip.calibration.data import inference_items
+from nncf_calibtip.calibration.data import check_item_device, inference_items
 from nncf_calibtip.calibration.fp_reference import remember_fp_state
 from nncf_calibtip.config_schema import validate_quantization_config
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
@@ -217,6 +217,7 @@ def quantize(
     subset = nncf_subset_size(calibration_dataset, config.subset_size)
     pipeline, algorithms = build_pipeline(config, ignored_scope, plan, subset)
     example = next(iter(calibration_dataset.get_inference_data()))
+    check_item_device(model, example)
     work = copy.deepcopy(model).eval()
     wrapped = compat.GraphModelWrapper(compat.wrap_model(work), example)
     result = pipeline.run(wrapped, calibration_dataset)
@@ -251,6 +252,7 @@ def refine(model: nn.Module, calibration_dataset: nncf.Dataset, *configs: Algori
             raise TypeError(msg)
     algorithms = [ALGORITHM_CLASSES[type(c)](c) for c in configs]
     example = next(iter(calibration_dataset.get_inference_data()))
+    check_item_device(model, example)
     work = copy.deepcopy(model)
     result = DatasetPipeline([[a] for a in algorithms]).run(
         compat.GraphModelWrapper(work, example), calibration_dataset

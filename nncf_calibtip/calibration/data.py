@@ -33,6 +33,30 @@ def to_device(item: Any, device: torch.device) -> Any:
     return item
 
 
+def item_devices(item: Any) -> set[torch.device]:
+    """The devices of the tensors in a (nested) dataset item."""
+    if isinstance(item, torch.Tensor):
+        return {item.device}
+    values = item.values() if isinstance(item, Mapping) else item if isinstance(item, (list, tuple)) else ()
+    return set().union(*(item_devices(v) for v in values)) if values else set()
+
+
+def check_item_device(model: nn.Module, item: Any) -> None:
+    """Fail with the fix when the dataset gives inputs on another device than the model's:
+    NNCF traces the model on a dataset item, as ``nncf.quantize`` does."""
+    param = next(model.parameters(), None)
+    if param is None:
+        return
+    other = {d for d in item_devices(item) if d.type != param.device.type}
+    if other:
+        msg = (
+            f"The calibration dataset gives inputs on {sorted(map(str, other))} but the model is on "
+            f"{param.device}: make the nncf.Dataset's transform_fn put inputs on the model's device, or move "
+            "the model (the algorithms' `device` setting picks where they compute)."
+        )
+        raise ValueError(msg)
+
+
 def call_model(model: nn.Module, item: Any) -> Any:
     """Call ``model`` the way NNCF's torch engine does: dicts as keywords, tuples as positionals."""
     if isinstance(item, Mapping):
