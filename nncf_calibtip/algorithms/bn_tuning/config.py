@@ -81,4 +81,8 @@ class BNTuningConfig(ConfigMixin):
             return "full"
         if self.rescale == "never":
             return "means"
-        return {"sequential": "skip", "parallel": "means"}.get(fit_mode or "", "full")  # type: ignore[return-value]
+        if fit_mode == "sequential":
+            return "skip"
+        if fit_mode == "parallel":
+            return "means"
+        return "full"
