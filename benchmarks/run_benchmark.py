@@ -217,6 +217,11 @@ def main() -> None:
         metavar="ALGORITHM.FIELD=VALUE",
         help="a config field for every row that runs that algorithm, e.g. adaquant.input_drop=0.5 (repeatable)",
     )
+    p.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="skip quantization: measure the IRs an earlier run of the same rows left in --work",
+    )
     p.add_argument("--one-row", help=argparse.SUPPRESS)
     args = p.parse_args()
     settings = parse_settings(args.set)
@@ -237,24 +242,30 @@ def main() -> None:
     for row in rows:
         if row in produced_by_others:
             continue
-        print(f"[{time.strftime('%H:%M:%S')}] {' -> '.join(chain(row))}", flush=True)
-        cmd = [
-            sys.executable,
-            __file__,
-            "--model",
-            args.model,
-            "--one-row",
-            row,
-            "--work",
-            str(args.work),
-            "--calibration-size",
-            str(args.calibration_size),
-            *(f"--set={item}" for item in args.set),
-        ]
-        subprocess.run(cmd, check=True)
+        if args.measure_only:
+            if not (work / f"{row}.json").is_file():
+                raise SystemExit(f"--measure-only: {work / f'{row}.json'} is missing; run without it first.")
+        else:
+            print(f"[{time.strftime('%H:%M:%S')}] {' -> '.join(chain(row))}", flush=True)
+            cmd = [
+                sys.executable,
+                __file__,
+                "--model",
+                args.model,
+                "--one-row",
+                row,
+                "--work",
+                str(args.work),
+                "--calibration-size",
+                str(args.calibration_size),
+                *(f"--set={item}" for item in args.set),
+            ]
+            subprocess.run(cmd, check=True)
         for entry in json.loads((work / f"{row}.json").read_text()):
             results[entry.pop("row")] = entry
-    entries = [results[row] for row in rows]
+    # Every row a run produced, in the order asked, each chain's stages before the chain's end.
+    ordered = list(dict.fromkeys(r for row in rows for r in chain(row)))
+    entries = [results[row] for row in ordered]
     task = load_task(args.model, with_test=True)
     measured = experiment.measure(entries, task.x_test, task.y_test)
     fp = next((r.accuracy for r in measured if r.method == "FP32"), None)
