@@ -56,9 +56,8 @@ def parse_variant(variant: str) -> list:
 
 
 def dev_inputs(pool: np.ndarray, calibration_size: int, samples: int) -> torch.Tensor:
-    """``samples`` pool images outside the benchmark's calibration draw (same seed as its)."""
-    calib_idx = np.random.default_rng(0).choice(len(pool), calibration_size, replace=False)
-    rest = np.setdiff1d(np.arange(len(pool)), calib_idx)
+    """``samples`` pool images outside the benchmark's calibration draw."""
+    rest = np.setdiff1d(np.arange(len(pool)), experiment.calibration_indices(len(pool), calibration_size))
     if samples > len(rest):
         raise SystemExit(f"Only {len(rest)} pool images lie outside the calibration set; lower --dev-samples.")
     idx = np.sort(np.random.default_rng(5).choice(rest, samples, replace=False))

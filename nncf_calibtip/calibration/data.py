@@ -37,8 +37,11 @@ def item_devices(item: Any) -> set[torch.device]:
     """The devices of the tensors in a (nested) dataset item."""
     if isinstance(item, torch.Tensor):
         return {item.device}
-    values = item.values() if isinstance(item, Mapping) else item if isinstance(item, (list, tuple)) else ()
-    return set().union(*(item_devices(v) for v in values)) if values else set()
+    if isinstance(item, Mapping):
+        item = list(item.values())
+    if isinstance(item, (list, tuple)):
+        return set().union(*(item_devices(v) for v in item))
+    return set()
 
 
 def check_item_device(model: nn.Module, item: Any) -> None:

@@ -18,13 +18,18 @@ from torch import nn
 from nncf_calibtip import evaluation
 
 
+def calibration_indices(pool_size: int, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of the ``size`` pool samples :func:`calibration_dataset` draws."""
+    if size > pool_size:
+        msg = f"Asked for {size} calibration samples, only {pool_size} available."
+        raise ValueError(msg)
+    return np.sort(np.random.default_rng(seed).choice(pool_size, size, replace=False))
+
+
 def calibration_dataset(x: np.ndarray, size: int, batch_size: int = 32, seed: int = 0) -> nncf.Dataset:
     """``size`` samples of ``x`` drawn without replacement (fixed seed), as batches of tensors."""
-    if size > len(x):
-        msg = f"Asked for {size} calibration samples, only {len(x)} available."
-        raise ValueError(msg)
-    idx = np.random.default_rng(seed).choice(len(x), size, replace=False)
-    sample = torch.from_numpy(np.ascontiguousarray(x[np.sort(idx)]))
+    idx = calibration_indices(len(x), size, seed)
+    sample = torch.from_numpy(np.ascontiguousarray(x[idx]))
     return nncf.Dataset([sample[i : i + batch_size] for i in range(0, size, batch_size)])
 
 

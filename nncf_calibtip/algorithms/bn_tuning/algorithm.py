@@ -68,7 +68,8 @@ class BNTuning(StreamingAlgorithm):
             msg = f"BN tuning found no quantized layers {what}: run MinMax (and PrecisionSetup) first."
             raise ValueError(msg)
         fit_modes = backend.fit_modes(model)
-        skipped = {layer.name for layer in layers if cfg.treatment(fit_modes.get(layer.name)) == "skip"}
+        treatments = {layer.name: cfg.treatment(fit_modes.get(layer.name)) for layer in layers}
+        skipped = {name for name, treatment in treatments.items() if treatment == "skip"}
         layers = [layer for layer in layers if layer.name not in skipped]
         if skipped:
             compat.nncf_logger.info(
@@ -81,7 +82,7 @@ class BNTuning(StreamingAlgorithm):
             return model
         compat.nncf_logger.info(f"BN tuning ({cfg.target}) on {len(layers)} layers, {n} samples")
         start = time.perf_counter()
-        self.reports = backend.tune(model, layers, items, cfg, resolve_device(cfg.device))
+        self.reports = backend.tune(model, layers, treatments, items, cfg, resolve_device(cfg.device))
         self.calibration_seconds = time.perf_counter() - start
         if cfg.report:
             before = sum(r.mean_error_before + r.std_error_before for r in self.reports) / len(self.reports)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from nncf_calibtip import compat
-from nncf_calibtip.algorithms.bn_tuning.config import BNTuningConfig
+from nncf_calibtip.algorithms.bn_tuning.config import BNTuningConfig, Treatment
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,13 @@ class BNTuningBackend(ABC):
 
     @abstractmethod
     def tune(
-        self, model: Any, layers: Sequence[Any], items: Sequence[Any], config: BNTuningConfig, device: Any
+        self,
+        model: Any,
+        layers: Sequence[Any],
+        treatments: Mapping[str, Treatment],
+        items: Sequence[Any],
+        config: BNTuningConfig,
+        device: Any,
     ) -> list[ChannelStatsReport]:
-        """Measure targets, run the tuning pass, fold the corrections in; report per layer."""
+        """Measure targets, run the tuning pass, fold the corrections in (means only where
+        ``treatments`` says ``"means"``); report per layer."""

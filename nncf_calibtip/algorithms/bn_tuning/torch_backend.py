@@ -12,7 +12,7 @@ from torch import nn
 
 from nncf_calibtip import compat
 from nncf_calibtip.algorithms.bn_tuning.backend import BNTuningBackend, ChannelStatsReport
-from nncf_calibtip.algorithms.bn_tuning.config import BNTuningConfig
+from nncf_calibtip.algorithms.bn_tuning.config import BNTuningConfig, Treatment
 from nncf_calibtip.calibration.channel_stats import ChannelStats, ChannelStatsHook, distance, std_ratio
 from nncf_calibtip.calibration.data import call_model, iterate_on
 from nncf_calibtip.calibration.fitted_layers import fitted_layers
@@ -76,13 +76,11 @@ def _observe(
     return {name: hook.stats() for name, hook in hooks.items()}
 
 
-def _max_std_ratios(model: nn.Module, layers: Sequence[QuantizedLayer], config: BNTuningConfig) -> dict[str, float]:
-    """Per layer, the bound on its std rescaling: 1 (means only) where ``config.treatment`` says so."""
-    fitted = fitted_layers(model)
-    return {
-        layer.name: 1.0 if config.treatment(fitted.get(layer.name)) == "means" else config.max_std_ratio
-        for layer in layers
-    }
+def _max_std_ratios(
+    layers: Sequence[QuantizedLayer], treatments: Mapping[str, Treatment], config: BNTuningConfig
+) -> dict[str, float]:
+    """Per layer, the bound on its std rescaling: 1 (means only) where the treatment says so."""
+    return {layer.name: 1.0 if treatments[layer.name] == "means" else config.max_std_ratio for layer in layers}
 
 
 class PTBNTuningBackend(BNTuningBackend):
@@ -106,6 +104,7 @@ class PTBNTuningBackend(BNTuningBackend):
         self,
         model: Any,
         layers: Sequence[QuantizedLayer],
+        treatments: Mapping[str, Treatment],
         items: Sequence[Any],
         config: BNTuningConfig,
         device: torch.device,
@@ -120,7 +119,7 @@ class PTBNTuningBackend(BNTuningBackend):
             targets = self._targets(torch_model, layers, items, config, device, tensors)
             nan = float("nan")
             before = _observe(torch_model, layers, items, device) if config.report else {}
-            ratios = _max_std_ratios(torch_model, layers, config)
+            ratios = _max_std_ratios(layers, treatments, config)
             tuned = _observe(torch_model, layers, items, device, targets, ratios)
             reports = []
             for layer in compat.track(layers, description="BN tuning: folding"):

@@ -70,15 +70,6 @@ def _scales(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def _means(model: nn.Module, dataset: nncf.Dataset) -> dict[str, torch.Tensor]:
-    """Each quantized layer's per-channel output means on ``dataset``, as BN tuning measures them."""
-    from nncf_calibtip.algorithms.bn_tuning.torch_backend import _observe
-
-    layers = find_quantized_layers(model, _graph(model))
-    stats = _observe(model, layers, list(dataset.get_inference_data()), torch.device("cpu"))
-    return {name: s.mean for name, s in stats.items()}
-
-
 def _expected_treatment(rescale: str, mode: str, fitted: bool) -> str:
     if rescale == "always":
         return "full"
