@@ -73,6 +73,16 @@ ACTIVATION_METATYPES = (
 )
 #: Operations a quantizer commutes with (NNCF propagates quantizers through them).
 QUANTIZATION_AGNOSTIC_METATYPES = tuple(DEFAULT_PT_QUANT_TRAIT_TO_OP_DICT[QuantizationTrait.QUANTIZATION_AGNOSTIC])
+#: Agnostic operations that keep a tensor's channel axis where it is (a per-channel
+#: quantizer still applies to their output the same way).
+CHANNEL_PRESERVING_METATYPES = (
+    om.PTPadMetatype,
+    om.PTMaxPool1dMetatype,
+    om.PTMaxPool2dMetatype,
+    om.PTMaxPool3dMetatype,
+    om.PTDropoutMetatype,
+    om.PTThresholdMetatype,
+)
 LINEAR_METATYPE = om.PTLinearMetatype
 CONST_METATYPE = om.PTConstNoopMetatype
 INPUT_METATYPE = om.PTInputNoopMetatype
@@ -152,6 +162,44 @@ def register_first_post_function_hook(model: torch.nn.Module, op_name: str, port
     return handle
 
 
+def replace_hook(model: torch.nn.Module, hook_name: str, module: torch.nn.Module) -> torch.nn.Module:
+    """Put ``module`` in the place of the hook named ``hook_name`` (``"post_hooks.<key>.<id>"``,
+    as :func:`~nncf_calibtip.quantized_layers.find_quantized_layers` names them); returns the old one."""
+    kind, key, hook_id = hook_name.split(".")
+    table = getattr(get_hook_storage(model), kind)[key]
+    old = table[hook_id]
+    table[hook_id] = module
+    return old
+
+
+def hook_node_marker(hook_name: str) -> str:
+    """The part of a graph node name that marks the operations of one hook (NNCF names a hook's
+    operations ``<scope>/post_hook__<key with / as ->[<id>]/<function>/<call>``)."""
+    kind, key, hook_id = hook_name.split(".")
+    prefix = "pre_hook" if kind == "pre_hooks" else "post_hook"
+    return f"{prefix}__{key.replace('/', '-')}[{hook_id}]/"
+
+
+def module_call_patches(model: torch.nn.Module) -> dict[torch.nn.Module, Any]:
+    """The call wrappers a running forward pass has put on the model's modules.
+
+    NNCF's ``FunctionHookMode`` wraps every module's ``_call_impl`` (instance attribute) for the
+    duration of a forward pass, to know the module a function is called from. A forward pass
+    paused in one thread while another runs must get its own wrappers back before it goes on.
+    """
+    return {m: m.__dict__.get("_call_impl") for m in model.modules()}
+
+
+def install_module_call_patches(model: torch.nn.Module, patches: dict[torch.nn.Module, Any] | None) -> None:
+    """Give the model's modules the wrappers of :func:`module_call_patches` (None: none)."""
+    for m in model.modules():
+        impl = patches.get(m) if patches else None
+        if impl is None:
+            m.__dict__.pop("_call_impl", None)
+        else:
+            m.__dict__["_call_impl"] = impl
+
+
 def nncf_version_ok() -> bool:
     """Whether the installed NNCF has the minor version these imports were written for."""
     return nncf.__version__.startswith(TESTED_NNCF_MINOR + ".")
@@ -170,6 +218,7 @@ __all__ = [
     "BATCH_NORM_METATYPES",
     "BackendType",
     "BaseQuantizer",
+    "CHANNEL_PRESERVING_METATYPES",
     "CONST_METATYPE",
     "GraphModelWrapper",
     "INPUT_METATYPE",
@@ -193,13 +242,17 @@ __all__ = [
     "build_graph",
     "get_backend",
     "get_hook_storage",
+    "hook_node_marker",
+    "install_module_call_patches",
     "is_hook_node",
     "is_wrapped",
+    "module_call_patches",
     "nncf_logger",
     "put_zero_on_grid",
     "register_first_post_function_hook",
     "register_post_function_hook",
     "register_pre_function_hook",
+    "replace_hook",
     "set_quantizer_bits",
     "store_quantizer_range",
     "symmetric_quantize",

@@ -77,7 +77,7 @@ class AdaQuant(StreamingAlgorithm):
             f"AdaQuant ({cfg.mode}) on {len(layers)} layers, {n} samples, {cfg.iters} steps per layer, {device}"
         )
         start = time.perf_counter()
-        session = backend.start(model, device, layers, items, cfg)
+        session = backend.start(model, graph, device, layers, items, cfg)
         trained_quantizers: set[str] = set()
         self.reports = []
         try:

@@ -48,9 +48,16 @@ class AdaQuantBackend(ABC):
 
     @abstractmethod
     def start(
-        self, model: Any, device: Any, layers: Sequence[Any], items: Sequence[Any], config: AdaQuantConfig
+        self,
+        model: Any,
+        graph: compat.NNCFGraph,
+        device: Any,
+        layers: Sequence[Any],
+        items: Sequence[Any],
+        config: AdaQuantConfig,
     ) -> Any:
-        """Prepare a calibration session (device placement, FP reference, FP input cache)."""
+        """Prepare a calibration session (device placement, FP reference, FP input cache, and
+        in sequential mode the quantized model's inputs)."""
 
     @abstractmethod
     def calibrate_layer(

@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from nncf_calibtip.algorithms.base import ConfigMixin
 
 AdaQuantMode = Literal["parallel", "sequential"]
+SequentialInputs = Literal["stream", "recompute"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,15 @@ class AdaQuantConfig(ConfigMixin):
     :param mode: ``"sequential"``: a layer's input comes from the already-quantized model
         (recomputed after every layer, every batch); ``"parallel"``: from the FP model, so
         layers are independent.
+    :param sequential_inputs: How sequential mode gets each layer's input from the quantized
+        model. ``"stream"``: every calibration batch runs through the model once, pausing
+        before each layer until that layer is fitted, so the model is evaluated once in all;
+        each batch's live activations stay in memory meanwhile (about two layer inputs for a
+        chain of layers, more with long skip connections). Where streaming cannot reproduce
+        the model exactly (an operation other than a layer uses a layer's quantized input
+        before that layer runs), the log says so and ``"recompute"`` is used.
+        ``"recompute"``: run the model again up to each layer: memory of one layer input,
+        time growing with the square of the depth.
     :param iters: Adam steps per layer (the reference used 1000).
     :param batch_size: Samples per step, drawn at random from the cached layer inputs.
     :param lr_weight: Learning rate of the weight change, in quantization steps.
@@ -61,6 +71,7 @@ class AdaQuantConfig(ConfigMixin):
     algorithm_name: ClassVar[str] = "AdaQuant"
 
     mode: AdaQuantMode = "sequential"
+    sequential_inputs: SequentialInputs = "stream"
     iters: int = 200
     batch_size: int = 32
     lr_weight: float = 2e-2
@@ -83,6 +94,9 @@ class AdaQuantConfig(ConfigMixin):
     def __post_init__(self) -> None:
         if self.mode not in ("parallel", "sequential"):
             msg = f"mode={self.mode!r} is not supported; use 'parallel' or 'sequential'."
+            raise ValueError(msg)
+        if self.sequential_inputs not in ("stream", "recompute"):
+            msg = f"sequential_inputs={self.sequential_inputs!r} is not supported; use 'stream' or 'recompute'."
             raise ValueError(msg)
         for name in ("iters", "batch_size", "subset_size", "range_search_samples"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:

@@ -18,6 +18,7 @@ from nncf_calibtip.algorithms.adaquant.range_search import search_input_range, s
 from nncf_calibtip.calibration.capture import capture_input, quantizers_disabled
 from nncf_calibtip.calibration.fp_reference import fp_reference, remember_fp_state
 from nncf_calibtip.calibration.input_cache import FPInputCache, input_bytes_per_sample
+from nncf_calibtip.calibration.sequential_stream import SequentialInputStream, StreamNotExact, plan_stream
 from nncf_calibtip.quantized_layers import QuantizedLayer, call_op, find_quantized_layers
 
 #: Samples per chunk when evaluating a whole cached set (bounds temporary memory).
@@ -32,6 +33,7 @@ class _Session:
     original_device: torch.device
     tensors: dict[str, torch.Tensor]
     fp_inputs: FPInputCache
+    stream: SequentialInputStream | None = None
 
 
 def _relative_error(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -49,6 +51,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
     def start(
         self,
         model: Any,
+        graph: compat.NNCFGraph,
         device: torch.device,
         layers: Sequence[QuantizedLayer],
         items: Sequence[Any],
@@ -71,9 +74,19 @@ class PTAdaQuantBackend(AdaQuantBackend):
             device,
             config.fp_cache_mb * 2**20,
         )
-        return _Session(torch_model, fp_model, device, original, tensors, cache)
+        session = _Session(torch_model, fp_model, device, original, tensors, cache)
+        if config.mode == "sequential" and config.sequential_inputs == "stream":
+            try:
+                plan = plan_stream(graph, layers)
+            except StreamNotExact as e:
+                compat.nncf_logger.info(f"AdaQuant recomputes each layer's input ({e}, so inputs cannot be streamed)")
+            else:
+                session.stream = SequentialInputStream(torch_model, layers, items, device, plan)
+        return session
 
     def finish(self, session: _Session) -> None:
+        if session.stream is not None:
+            session.stream.close()
         session.model.to(session.original_device)
         del session.fp_model
 
@@ -99,11 +112,14 @@ class PTAdaQuantBackend(AdaQuantBackend):
             )
         if config.mode == "sequential":
             del x_fp
-            # Input from the quantized model as it is now; the layer's own input quantizer is
-            # applied by the problem, so it is off here.
-            off = [layer.input_quantizer] if layer.input_quantizer is not None else []
-            with quantizers_disabled(off):
-                inputs = capture_input(session.model, layer.name, items, session.device)
+            # Input from the quantized model as it is now, before the layer's own input
+            # quantizer (the problem applies it).
+            if session.stream is not None:
+                inputs = session.stream.inputs(layer)
+            else:
+                off = [layer.input_quantizer] if layer.input_quantizer is not None else []
+                with quantizers_disabled(off):
+                    inputs = capture_input(session.model, layer.name, items, session.device)
         else:
             inputs = x_fp
         n = len(inputs)

@@ -94,6 +94,7 @@ def test_too_small_calibration_set_is_an_error(tiny_model, calib_data):
     "kwargs",
     [
         {"mode": "greedy"},
+        {"sequential_inputs": "cache"},
         {"iters": 0},
         {"batch_size": -1},
         {"lr_weight": -1.0},
