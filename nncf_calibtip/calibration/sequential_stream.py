@@ -51,7 +51,7 @@ def _owners(layers: Sequence[QuantizedLayer]) -> dict[str, QuantizedLayer]:
 
 def _derived_outputs(
     graph: compat.NNCFGraph, key: str, owner: QuantizedLayer, layer_names: set[str], per_channel: bool
-) -> list:
+) -> list[tuple[str, int]]:
     """Outputs ``(op name, port)`` of the quantization-agnostic operations fed by quantizer
     ``key``, which must be quantized in place when its owner is fitted.
 
