@@ -10,7 +10,7 @@ only consumers) belong to its reconstruction target.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +209,16 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
         layer.is_first = not _reaches(graph, layer.node, names, upstream=True)
         layer.is_last = not _reaches(graph, layer.node, names, upstream=False)
     return layers
+
+
+def input_quantizer_owners(layers: Sequence[QuantizedLayer]) -> dict[str, QuantizedLayer]:
+    """Input quantizer key -> the first layer (in ``layers``' order) using it: the one whose
+    calibration trains a quantizer several layers share."""
+    owners: dict[str, QuantizedLayer] = {}
+    for layer in layers:
+        if layer.input_quantizer_key is not None:
+            owners.setdefault(layer.input_quantizer_key, layer)
+    return owners
 
 
 def call_op(node: compat.NNCFNode, tensors: Mapping[int, torch.Tensor | None]) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from nncf_calibtip import compat
 from nncf_calibtip.calibration.data import call_model, iterate_on
-from nncf_calibtip.quantized_layers import QuantizedLayer
+from nncf_calibtip.quantized_layers import QuantizedLayer, input_quantizer_owners
 
 
 class StreamNotExact(Exception):
@@ -38,15 +38,6 @@ class StreamNotExact(Exception):
 def _is_agnostic(node: compat.NNCFNode) -> bool:
     m = node.metatype
     return isinstance(m, type) and issubclass(m, compat.QUANTIZATION_AGNOSTIC_METATYPES)
-
-
-def _owners(layers: Sequence[QuantizedLayer]) -> dict[str, QuantizedLayer]:
-    """Input quantizer key -> the first layer using it (the one that trains it)."""
-    owners: dict[str, QuantizedLayer] = {}
-    for layer in layers:
-        if layer.input_quantizer_key is not None:
-            owners.setdefault(layer.input_quantizer_key, layer)
-    return owners
 
 
 def _derived_outputs(
@@ -106,7 +97,7 @@ def plan_stream(graph: compat.NNCFGraph, layers: Sequence[QuantizedLayer]) -> di
     """
     names = {layer.name for layer in layers}
     plan = {}
-    for key, owner in _owners(layers).items():
+    for key, owner in input_quantizer_owners(layers).items():
         assert owner.input_quantizer is not None
         plan[key] = _derived_outputs(graph, key, owner, names, not _per_tensor(owner.input_quantizer))
     return plan
@@ -259,7 +250,7 @@ class SequentialInputStream:
         self._batches = [_Batch(model, item) for item in iterate_on(items, device)]
         self._handles: list[Any] = []
         self._replaced: dict[str, nn.Module] = {}
-        owners = _owners(layers)
+        owners = input_quantizer_owners(layers)
         try:
             for layer in self._layers:
                 self._handles.append(compat.register_pre_function_hook(model, layer.name, 0, _PauseBefore(layer.name)))

@@ -14,6 +14,7 @@ from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
 from nncf_calibtip.algorithms.base import StreamingAlgorithm
 from nncf_calibtip.calibration.data import count_samples, inference_items, rebatch, resolve_device
 from nncf_calibtip.calibration.fitted_layers import mark_fitted
+from nncf_calibtip.quantized_layers import input_quantizer_owners
 
 #: Samples per forward pass when capturing a layer's inputs.
 _CAPTURE_BATCH = 256
@@ -78,14 +79,12 @@ class AdaQuant(StreamingAlgorithm):
         )
         start = time.perf_counter()
         session = backend.start(model, graph, device, layers, items, cfg)
-        trained_quantizers: set[str] = set()
+        owners = input_quantizer_owners(layers)  # a shared input quantizer is trained by its first layer
         self.reports = []
         try:
             for index, layer in enumerate(compat.track(layers, description=f"AdaQuant {cfg.mode}")):
                 key = layer.input_quantizer_key
-                owns_input = key is not None and key not in trained_quantizers
-                if key is not None:
-                    trained_quantizers.add(key)
+                owns_input = key is not None and owners[key] is layer
                 report = backend.calibrate_layer(session, layer, items, cfg, owns_input, index)
                 self.reports.append(report)
                 compat.nncf_logger.debug(

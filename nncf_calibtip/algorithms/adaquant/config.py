@@ -21,8 +21,8 @@ class AdaQuantConfig(ConfigMixin):
     channel), the weight-scale and activation-range changes are fractions of their initial
     values, the bias change is in units of the layer output's RMS.
 
-    :param mode: ``"sequential"``: a layer's input comes from the already-quantized model
-        (recomputed after every layer, every batch); ``"parallel"``: from the FP model, so
+    :param mode: ``"sequential"``: a layer's input comes from the model as quantized and
+        fitted so far, for every batch; ``"parallel"``: from the FP model, so
         layers are independent.
     :param sequential_inputs: How sequential mode gets each layer's input from the quantized
         model. ``"stream"``: every calibration batch runs through the model once, pausing
