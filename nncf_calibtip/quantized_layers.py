@@ -117,6 +117,12 @@ def const_inputs(graph: compat.NNCFGraph, node: compat.NNCFNode) -> dict[int, st
     return out
 
 
+def is_quantization_agnostic(node: compat.NNCFNode) -> bool:
+    """Whether a quantizer commutes with the operation (NNCF propagates quantizers through it)."""
+    m = node.metatype
+    return isinstance(m, type) and issubclass(m, compat.QUANTIZATION_AGNOSTIC_METATYPES)
+
+
 def _input_quantizer(
     graph: compat.NNCFGraph, storage: nn.Module, node: compat.NNCFNode
 ) -> tuple[str, compat.BaseQuantizer] | None:
@@ -133,9 +139,7 @@ def _input_quantizer(
         found = _quantizer_at(storage, "post_hooks", producer.node_name, out_port)
         if found:
             return found
-        if not isinstance(producer.metatype, type) or not issubclass(
-            producer.metatype, compat.QUANTIZATION_AGNOSTIC_METATYPES
-        ):
+        if not is_quantization_agnostic(producer):
             return None
         port_node, port = producer, 0
 

@@ -28,16 +28,11 @@ from torch import nn
 
 from nncf_calibtip import compat
 from nncf_calibtip.calibration.data import call_model, iterate_on
-from nncf_calibtip.quantized_layers import QuantizedLayer, input_quantizer_owners
+from nncf_calibtip.quantized_layers import QuantizedLayer, input_quantizer_owners, is_quantization_agnostic
 
 
 class StreamNotExact(Exception):
     """The graph has a use of a deferred quantizer's value that streaming cannot reproduce."""
-
-
-def _is_agnostic(node: compat.NNCFNode) -> bool:
-    m = node.metatype
-    return isinstance(m, type) and issubclass(m, compat.QUANTIZATION_AGNOSTIC_METATYPES)
 
 
 def _derived_outputs(
@@ -63,7 +58,7 @@ def _derived_outputs(
         node = edge.to_node
         if node.node_id in family or (node.node_name in layer_names and edge.input_port_id == 0):
             continue  # layers re-apply their input quantizer when they go on
-        if _is_agnostic(node):
+        if is_quantization_agnostic(node):
             mixed = [
                 e.from_node.node_name
                 for e in graph.get_input_edges(node)
