@@ -1,4 +1,4 @@
-"""Each layer's input from the quantized model, with one forward pass per calibration batch.
+"""Each layer's input from the quantized (or FP) model, with one forward pass per calibration batch.
 
 Sequential AdaQuant fits layer ``k`` on the inputs the quantized model gives it once layers
 ``0..k-1`` are fitted. Re-running the model up to every layer costs layer evaluations that
@@ -227,7 +227,10 @@ class SequentialInputStream:
     :param layers: Its layers in execution order; :meth:`inputs` is called for each in turn.
     :param items: Calibration items (one forward pass, one thread, each).
     :param device: Where the model runs.
-    :param plan: :func:`plan_stream` of the model's graph.
+    :param plan: :func:`plan_stream` of the model's graph; empty for an FP model.
+    :param quantized: Whether ``model`` quantizes. For the FP reference (every quantizer
+        off) pass ``False``: the batches then go on with each layer's input as it is, which
+        gives the FP inputs of every layer in one pass instead of a pass per window of them.
     """
 
     def __init__(
@@ -237,8 +240,14 @@ class SequentialInputStream:
         items: Sequence[Any],
         device: torch.device,
         plan: dict[str, list[tuple[str, int]]],
+        *,
+        quantized: bool = True,
     ) -> None:
+        if plan and not quantized:
+            msg = "An FP stream defers no quantizer: pass an empty plan with quantized=False."
+            raise ValueError(msg)
         self._model = model
+        self._quantized = quantized
         self._threads = torch.get_num_threads()
         self._layers = list(layers)
         self._next = 0
@@ -293,7 +302,7 @@ class SequentialInputStream:
         """Quantize what the fitted layer's deferred quantizer handed on; the layer's input."""
         q, key = layer.input_quantizer, layer.input_quantizer_key
         assert batch.value is not None
-        if q is None or key is None:
+        if q is None or key is None or not self._quantized:
             return batch.value
         if key in self._replaced and key not in batch.released:
             seen: set[int] = set()

@@ -9,7 +9,9 @@ from torch import nn
 
 import nncf_calibtip as nc
 from nncf_calibtip import compat
+from nncf_calibtip.calibration.capture import capture_inputs
 from nncf_calibtip.calibration.data import inference_items
+from nncf_calibtip.calibration.fp_reference import fp_reference
 from nncf_calibtip.calibration.sequential_stream import SequentialInputStream, StreamNotExact, plan_stream
 from nncf_calibtip.placement import PrecisionConfig, min_max_algorithm
 from nncf_calibtip.quantized_layers import find_quantized_layers
@@ -155,3 +157,20 @@ def test_layers_must_come_in_execution_order(tiny_model, calib_dataset):
     finally:
         stream.close()
     assert not _stream_threads()
+
+
+def test_fp_stream_gives_every_layers_fp_input(tiny_model, calib_dataset):
+    model, graph = _placed(tiny_model, calib_dataset)
+    fp = fp_reference(model)
+    layers = find_quantized_layers(model, graph)
+    items = inference_items(calib_dataset, None)
+    expected = capture_inputs(fp, [layer.name for layer in layers], items, torch.device("cpu"))
+    stream = SequentialInputStream(fp, layers, items, torch.device("cpu"), {}, quantized=False)
+    try:
+        for layer in layers:
+            torch.testing.assert_close(stream.inputs(layer), expected[layer.name], rtol=0, atol=0)
+    finally:
+        stream.close()
+    assert not _stream_threads()
+    with pytest.raises(ValueError, match="empty plan"):
+        SequentialInputStream(fp, layers, items, torch.device("cpu"), plan_stream(graph, layers), quantized=False)

@@ -30,7 +30,8 @@ class AdaQuantConfig(ConfigMixin):
         each batch's live activations stay in memory meanwhile (about two layer inputs for a
         chain of layers, more with long skip connections). Where streaming cannot reproduce
         the model exactly (an operation other than a layer uses a layer's quantized input
-        before that layer runs), the log says so and ``"recompute"`` is used.
+        before that layer runs), the log says so and ``"recompute"`` is used. The FP model's
+        input of every layer (for the targets) is streamed alongside, in one pass.
         ``"recompute"``: run the model again up to each layer: memory of one layer input,
         time growing with the square of the depth.
     :param iters: Adam steps per layer (the reference used 1000).
@@ -62,8 +63,9 @@ class AdaQuantConfig(ConfigMixin):
         round-to-nearest result of a layer AdaQuant did not improve.
     :param subset_size: Calibration samples used at most.
     :param fp_cache_mb: Memory for FP layer inputs captured ahead in one pass (the FP model
-        does not change, so one pass can serve several layers). Peak memory is this plus the
-        current layer's data, whatever the depth; 0 captures one layer per pass.
+        does not change, so one pass can serve several layers) when they are not streamed
+        (parallel mode, ``"recompute"``). Peak memory is this plus the current layer's data,
+        whatever the depth; 0 captures one layer per pass.
     :param seed: Seed of the mini-batch sampling; the same seed gives the same model.
     :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
     """

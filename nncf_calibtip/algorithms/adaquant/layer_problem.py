@@ -149,33 +149,60 @@ class LayerProblem:
         y = call_op(self.layer.node, {0: x, 1: self.fp.weight, 2: self.fp.bias})
         return self._tail(y, None)
 
-    def quantized_output(self, x: torch.Tensor, keep_fp: torch.Tensor | None = None) -> torch.Tensor:
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through the layer's input quantizer with the current range (``x`` when it has none)."""
+        iq = self.layer.input_quantizer
+        if iq is None:
+            return x
+        return _quantize_input(iq, x, self.low_shift, self.range_scale, self.low0, self.range0)
+
+    def quantized_output(
+        self,
+        x: torch.Tensor,
+        keep_fp: torch.Tensor | None = None,
+        *,
+        weight: torch.Tensor | None = None,
+        input_quantized: bool = False,
+    ) -> torch.Tensor:
         """The quantized layer on (unquantized) input ``x``, with the current changes.
 
         :param keep_fp: Optional boolean mask of ``x``'s shape: where set, the input stays
             unquantized (QDrop-style random dropping of the input quantization in training).
+        :param weight: The quantized weight to use, when the caller has it already
+            (:meth:`quantized_weight` with the current changes); saves re-quantizing it.
+        :param input_quantized: ``x`` is already through :meth:`quantize_input`.
         """
-        iq = self.layer.input_quantizer
-        if iq is not None:
-            xq = _quantize_input(iq, x, self.low_shift, self.range_scale, self.low0, self.range0)
+        if not input_quantized:
+            xq = self.quantize_input(x)
             x = xq if keep_fp is None else torch.where(keep_fp, x, xq)
         db = self._bias_change()
         bias = self.fp.bias
         if self.bias_target == "bias":
             bias = bias + db
-        y = call_op(self.layer.node, {0: x, 1: self.quantized_weight(), 2: bias})
+        w = self.quantized_weight() if weight is None else weight
+        y = call_op(self.layer.node, {0: x, 1: w, 2: bias})
         return self._tail(y, db if self.bias_target == "bn" else None)
 
     @torch.no_grad()
-    def channel_errors(self, x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    def channel_errors(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        chunk: int = 256,
+        *,
+        weight: torch.Tensor | None = None,
+        input_quantized: bool = False,
+    ) -> torch.Tensor:
         """Squared error of :meth:`quantized_output` against ``y`` per output channel, summed
-        over ``x`` in chunks of ``chunk`` samples (bounds temporary memory); float64."""
+        over ``x`` in chunks of ``chunk`` samples (bounds temporary memory); float64 across
+        chunks. ``weight`` and ``input_quantized`` as in :meth:`quantized_output`."""
         dim = self.layer.output_channel_dim
         total = None
         for i in range(0, len(x), chunk):
-            d = (self.quantized_output(x[i : i + chunk]) - y[i : i + chunk]).double().pow(2)
+            out = self.quantized_output(x[i : i + chunk], weight=weight, input_quantized=input_quantized)
+            d = out - y[i : i + chunk]
             dim_i = dim % d.dim()
-            e = d.sum(dim=[k for k in range(d.dim()) if k != dim_i])
+            e = (d * d).sum(dim=[k for k in range(d.dim()) if k != dim_i]).double()
             total = e if total is None else total + e
         return total
 

@@ -31,6 +31,7 @@ def search_input_range(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) 
         return
     low0, range0 = problem.low0, problem.range0
     high0 = low0 + range0
+    weight = problem.quantized_weight()  # fixed while only the input range moves
     asymmetric = isinstance(problem.layer.input_quantizer, compat.AsymmetricQuantizer)
 
     def set_ends(low: torch.Tensor, high: torch.Tensor) -> None:
@@ -44,7 +45,7 @@ def search_input_range(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) 
         errors = []
         for low, high in candidates:
             set_ends(low, high)
-            errors.append(float(problem.channel_errors(x, y).sum()))
+            errors.append(float(problem.channel_errors(x, y, weight=weight).sum()))
         return candidates[min(range(len(errors)), key=errors.__getitem__)]
 
     low, high = best_of([(low0, high0 * f) if asymmetric else (low0, range0 * f) for f in RANGE_END_GRID])
@@ -61,10 +62,11 @@ def search_weight_scales(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor
     scale = problem.delta_scale
     if not scale.requires_grad:
         return
+    xq = problem.quantize_input(x)  # fixed while only the weight scales move
     errors = []
     for f in WEIGHT_SCALE_GRID:
         scale.fill_(f - 1)
-        errors.append(problem.channel_errors(x, y))
+        errors.append(problem.channel_errors(xq, y, input_quantized=True))
     err = torch.stack(errors)  # [grid, channels]
     grid = torch.tensor(WEIGHT_SCALE_GRID, dtype=scale.dtype, device=scale.device)
     if scale.numel() == err.shape[1]:

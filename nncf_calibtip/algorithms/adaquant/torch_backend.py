@@ -32,8 +32,13 @@ class _Session:
     device: torch.device
     original_device: torch.device
     tensors: dict[str, torch.Tensor]
-    fp_inputs: FPInputCache
+    fp_inputs: FPInputCache | SequentialInputStream
     stream: SequentialInputStream | None = None
+
+    def fp_input(self, layer: QuantizedLayer) -> torch.Tensor:
+        if isinstance(self.fp_inputs, SequentialInputStream):
+            return self.fp_inputs.inputs(layer)
+        return self.fp_inputs.pop(layer.name)
 
 
 def _relative_error(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -66,27 +71,35 @@ class PTAdaQuantBackend(AdaQuantBackend):
         fp_model = fp_reference(torch_model)
         tensors = dict(torch_model.named_parameters())
         tensors.update(dict(torch_model.named_buffers()))
-        cache = FPInputCache(
-            fp_model,
-            [layer.name for layer in layers],
-            [input_bytes_per_sample(layer.node) for layer in layers],
-            items,
-            device,
-            config.fp_cache_mb * 2**20,
-        )
-        session = _Session(torch_model, fp_model, device, original, tensors, cache)
+        stream = None
         if config.mode == "sequential" and config.sequential_inputs == "stream":
             try:
-                plan = plan_stream(graph, layers)
+                stream = SequentialInputStream(torch_model, layers, items, device, plan_stream(graph, layers))
             except StreamNotExact as e:
                 compat.nncf_logger.info(f"AdaQuant recomputes each layer's input ({e}, so inputs cannot be streamed)")
-            else:
-                session.stream = SequentialInputStream(torch_model, layers, items, device, plan)
-        return session
+        fp_inputs: FPInputCache | SequentialInputStream
+        if stream is not None:
+            # The FP model's inputs come the same way, in one pass instead of one per window.
+            try:
+                fp_inputs = SequentialInputStream(fp_model, layers, items, device, {}, quantized=False)
+            except BaseException:
+                stream.close()
+                raise
+        else:
+            fp_inputs = FPInputCache(
+                fp_model,
+                [layer.name for layer in layers],
+                [input_bytes_per_sample(layer.node) for layer in layers],
+                items,
+                device,
+                config.fp_cache_mb * 2**20,
+            )
+        return _Session(torch_model, fp_model, device, original, tensors, fp_inputs, stream)
 
     def finish(self, session: _Session) -> None:
-        if session.stream is not None:
-            session.stream.close()
+        for stream in (session.stream, session.fp_inputs):
+            if isinstance(stream, SequentialInputStream):
+                stream.close()
         session.model.to(session.original_device)
         del session.fp_model
 
@@ -101,7 +114,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
     ) -> LayerReport:
         t0 = time.perf_counter()
         # Target: the FP layer (with its BatchNorm and activation) on the FP model's input.
-        x_fp = session.fp_inputs.pop(layer.name)
+        x_fp = session.fp_input(layer)
         with torch.no_grad():
             y0 = _layer_only_output(layer, session.tensors, x_fp[:_EVAL_CHUNK])
         problem = LayerProblem(layer, session.tensors, config, train_input_range, float(y0.pow(2).mean().sqrt()))
