@@ -61,7 +61,23 @@ def parse_row(row: str) -> tuple[str, list[str], str, str]:
     if label not in BITS or unknown or base not in ("rtn", "adaquant_parallel", "adaquant_sequential"):
         msg = f"Cannot read benchmark row {row!r}."
         raise ValueError(msg)
+    suffix_options(suffix)  # checks it
     return base, stages, label, suffix
+
+
+def suffix_options(suffix: str) -> dict[str, int]:
+    """A row's suffix: ``"1000steps"`` (the reference schedule), ``"seedN"`` (AdaQuant's seed
+    N, the same for the stages after it), or both joined by ``-``."""
+    options: dict[str, int] = {}
+    for part in filter(None, suffix.split("-")):
+        if part == "1000steps":
+            options[part] = 1
+        elif part.startswith("seed") and part[4:].isdigit():
+            options["seed"] = int(part[4:])
+        else:
+            msg = f"Unknown row suffix {part!r}: use 1000steps, seedN or both joined by '-'."
+            raise ValueError(msg)
+    return options
 
 
 def chain(row: str) -> list[str]:
@@ -178,11 +194,16 @@ def quantize_chain(
     method = "round-to-nearest (MinMax)"
     if base.startswith("adaquant"):
         mode = base.split("_")[1]
-        cfg = nc.AdaQuantConfig(mode=mode)
-        if suffix == "1000steps":
-            cfg = nc.AdaQuantConfig(mode=mode, iters=1000, batch_size=50)
-        algorithms = (configured(cfg, settings),)
-        method = f"AdaQuant {mode}" + (" (1000 steps x 50, reference schedule)" if suffix == "1000steps" else "")
+        options = suffix_options(suffix)
+        cfg = configured(nc.AdaQuantConfig(mode=mode), settings)
+        method = f"AdaQuant {mode}"
+        if "1000steps" in options:
+            cfg = dataclasses.replace(cfg, iters=1000, batch_size=50)
+            method += " (1000 steps x 50, reference schedule)"
+        if "seed" in options:
+            cfg = dataclasses.replace(cfg, seed=options["seed"])
+            method += f", seed {options['seed']}"
+        algorithms = (cfg,)
     config = nc.QuantizationConfig(
         precision=nc.PrecisionConfig(*bits), algorithms=algorithms, subset_size=calibration_size
     )
@@ -193,6 +214,8 @@ def quantize_chain(
         if i:
             stage = stages[i - 1]
             stage_cfg = configured(nc.BNTuningConfig() if stage == "bn" else nc.BiasTuningConfig(), settings)
+            if "seed" in suffix_options(suffix) and hasattr(stage_cfg, "seed"):
+                stage_cfg = dataclasses.replace(stage_cfg, seed=suffix_options(suffix)["seed"])
             t0 = time.perf_counter()
             quantized = nc.refine(quantized, calib, stage_cfg)
             calib_s += time.perf_counter() - t0  # exports in between are not calibration
