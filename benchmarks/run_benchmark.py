@@ -192,9 +192,9 @@ def quantize_chain(
     bits = BITS[label]
     algorithms: tuple = ()
     method = "round-to-nearest (MinMax)"
+    options = suffix_options(suffix)
     if base.startswith("adaquant"):
         mode = base.split("_")[1]
-        options = suffix_options(suffix)
         cfg = configured(nc.AdaQuantConfig(mode=mode), settings)
         method = f"AdaQuant {mode}"
         if "1000steps" in options:
@@ -214,8 +214,8 @@ def quantize_chain(
         if i:
             stage = stages[i - 1]
             stage_cfg = configured(nc.BNTuningConfig() if stage == "bn" else nc.BiasTuningConfig(), settings)
-            if "seed" in suffix_options(suffix) and hasattr(stage_cfg, "seed"):
-                stage_cfg = dataclasses.replace(stage_cfg, seed=suffix_options(suffix)["seed"])
+            if "seed" in options and hasattr(stage_cfg, "seed"):
+                stage_cfg = dataclasses.replace(stage_cfg, seed=options["seed"])
             t0 = time.perf_counter()
             quantized = nc.refine(quantized, calib, stage_cfg)
             calib_s += time.perf_counter() - t0  # exports in between are not calibration
