@@ -87,6 +87,7 @@ def main() -> None:
     p.add_argument("--calibration-size", type=int, default=1024)
     p.add_argument("--dev-samples", type=int, default=2048)
     p.add_argument("--set", action="append", default=[], metavar="ALGORITHM.FIELD=VALUE")
+    p.add_argument("--reports", type=Path, help="write the base model's per-layer reports (JSON) here")
     args = p.parse_args()
     settings = parse_settings(args.set)
     variants = {v: parse_variant(v) for v in args.variants}
@@ -102,6 +103,8 @@ def main() -> None:
     base = nc.quantize(task.model, calib, config)
     rows = [{"variant": args.base, "seconds": round(time.perf_counter() - start, 1), **score(fp, logits(base, x))}]
     print(json.dumps(rows[-1]), flush=True)
+    if args.reports:
+        args.reports.write_text(json.dumps(nc.get_result(base).reports, indent=1))
     for name, configs in variants.items():
         start = time.perf_counter()
         model = nc.refine(base, calib, *configs)
