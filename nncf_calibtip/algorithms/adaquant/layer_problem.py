@@ -16,6 +16,7 @@ import torch
 
 from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
+from nncf_calibtip.algorithms.adaquant.depthwise_matmul import SmallMapDepthwise
 from nncf_calibtip.placement import MIN_WEIGHT_SCALE
 from nncf_calibtip.quantized_layers import QuantizedLayer, call_op
 
@@ -83,6 +84,8 @@ class LayerProblem:
         bias_like = self.fp.bias if self.bias_target == "bias" else self.fp.bn.get(2)
         self.delta_b = torch.zeros_like(bias_like, requires_grad=True) if self.bias_target else None
         self.output_rms = max(output_rms, 1e-12)
+        # Faster steps for a depthwise conv on a small map (same function, other summation order).
+        self._depthwise = SmallMapDepthwise.for_node(layer.node)
         iq = layer.input_quantizer
         self.train_input_range = train_input_range and iq is not None and config.optimize_activation_range
         if iq is not None:
@@ -180,7 +183,10 @@ class LayerProblem:
         if self.bias_target == "bias":
             bias = bias + db
         w = self.quantized_weight() if weight is None else weight
-        y = call_op(self.layer.node, {0: x, 1: w, 2: bias})
+        if self._depthwise is not None:
+            y = self._depthwise(x, w, bias)
+        else:
+            y = call_op(self.layer.node, {0: x, 1: w, 2: bias})
         return self._tail(y, db if self.bias_target == "bn" else None)
 
     @torch.no_grad()
