@@ -38,7 +38,7 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 class SmallMapDepthwise:
     """A depthwise conv2d (one input channel per group) evaluated as a batched matrix product
-    when its input map is small, and as the convolution otherwise.
+    when its input map is small and on the CPU, and as the convolution otherwise.
 
     :param stride: The convolution's stride.
     :param padding: Its (numeric) padding.
@@ -84,7 +84,7 @@ class SmallMapDepthwise:
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         b, c, h, wd = x.shape
-        if h * wd > MAX_POSITIONS:
+        if h * wd > MAX_POSITIONS or x.device.type != "cpu":  # measured on the CPU only
             return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, c)
         taps, (out_h, out_w) = self._taps_for(x, w)
         mats = (w.reshape(c, -1) @ taps).view(c, out_h * out_w, h * wd)
