@@ -13,7 +13,7 @@ changed, only how AdaQuant evaluates the layer while fitting it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,8 +28,6 @@ MAX_POSITIONS = 64
 _CONV2D_FUNCS = (F.conv2d, torch.conv2d)
 _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV2D_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-
-ConvFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
