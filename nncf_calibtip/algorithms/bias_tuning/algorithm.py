@@ -68,9 +68,9 @@ class BiasTuning(StreamingAlgorithm):
         if not layers:
             msg = "Bias tuning found no quantized conv/linear layers: run MinMax (and PrecisionSetup) first."
             raise ValueError(msg)
+        loss = f"kl at T={cfg.temperature:g}" if cfg.loss == "kl" else cfg.loss
         compat.nncf_logger.info(
-            f"Bias tuning ({cfg.loss}, {cfg.optimizer} lr {cfg.lr}) for {cfg.steps} steps of {cfg.batch_size}, "
-            f"{n} samples"
+            f"Bias tuning ({loss}, {cfg.optimizer} lr {cfg.lr}) for {cfg.steps} steps of {cfg.batch_size}, {n} samples"
         )
         start = time.perf_counter()
         report = backend.tune(model, layers, items, cfg, resolve_device(cfg.device))
