@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -12,6 +13,14 @@ from nncf_calibtip.algorithms.base import StreamingAlgorithm
 from nncf_calibtip.algorithms.bias_tuning.backend import BiasTuningBackend, BiasTuningReport
 from nncf_calibtip.algorithms.bias_tuning.config import BiasTuningConfig
 from nncf_calibtip.calibration.data import count_samples, inference_items, resolve_device
+
+
+def _put_back_reason(report: BiasTuningReport, cfg: BiasTuningConfig) -> str:
+    if not math.isfinite(report.change_stderr):
+        return "non-finite held-out loss"
+    if cfg.put_back == "unless_better":
+        return "not lower by more than two standard errors"
+    return "higher by more than two standard errors"
 
 
 class BiasTuning(StreamingAlgorithm):
@@ -79,6 +88,6 @@ class BiasTuning(StreamingAlgorithm):
         compat.nncf_logger.info(
             f"Bias tuning done in {self.calibration_seconds:.1f} s: held-out {cfg.loss} "
             f"{report.loss_before:.5g} -> {report.loss_tuned:.5g} (+-{report.change_stderr:.2g})"
-            + ("" if report.kept else ": significantly worse, biases put back")
+            + ("" if report.kept else f": {_put_back_reason(report, cfg)}, biases put back")
         )
         return model

@@ -21,8 +21,7 @@ class BiasTuningReport:
     :param held_out: Samples kept for the figures (0: they are on the training samples).
     :param loss_before: Loss to the FP model's outputs before tuning.
     :param loss_after: The same after tuning (equal to ``loss_before`` when the biases were put back).
-    :param kept: False when the held-out loss rose significantly (by more than two standard
-        errors of its per-sample change) and the biases were put back.
+    :param kept: False when the biases were put back (see ``BiasTuningConfig.put_back``).
     :param loss_tuned: The held-out loss the tuned biases reached, kept or not.
     :param change_stderr: Standard error of the held-out loss change (0 without held-out samples).
     """

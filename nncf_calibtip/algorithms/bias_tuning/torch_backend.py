@@ -13,7 +13,7 @@ from torch import nn
 from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant.layer_problem import cosine_lr
 from nncf_calibtip.algorithms.bias_tuning.backend import BiasTuningBackend, BiasTuningReport
-from nncf_calibtip.algorithms.bias_tuning.config import BiasTuningConfig
+from nncf_calibtip.algorithms.bias_tuning.config import BiasTuningConfig, PutBackRule
 from nncf_calibtip.calibration.data import call_model, count_samples, to_device
 from nncf_calibtip.calibration.fp_reference import fp_reference, remember_fp_state
 from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers
@@ -41,24 +41,27 @@ def per_sample_loss(kind: str, temperature: float = 1.0) -> Callable[[torch.Tens
     raise ValueError(msg)
 
 
-#: The tuned biases are put back when the held-out loss rose by more than this many standard
-#: errors of its paired per-sample change. A held-out set of ~100 samples measures the change
-#: to about +-0.06 in KL on the EfficientNet sample, as much as bias tuning's real effect there
-#: (which 1,024 unseen images showed); a plain "lower or put back" rule then discards useful
-#: tuning about half the time, while a real failure (a learning rate that diverges) still rises
-#: far beyond this.
-PUT_BACK_STDERR = 2.0
+#: A held-out change counts when it exceeds this many standard errors of the paired per-sample
+#: change. ~100 held-out samples measure the KL change to about +-0.06 on the EfficientNet sample,
+#: as much as bias tuning's usual effect after AdaQuant; a diverging run rises far beyond it.
+SIGNIFICANT_STDERR = 2.0
 
 
-def significantly_worse(before: torch.Tensor, after: torch.Tensor) -> tuple[bool, float]:
-    """Whether the per-sample losses ``after`` are worse than ``before`` beyond their noise,
-    and the standard error of the mean change."""
+def keep_tuned(before: torch.Tensor, after: torch.Tensor, rule: PutBackRule) -> tuple[bool, float]:
+    """Whether to keep the tuned biases given the per-sample held-out losses ``before`` and
+    ``after`` tuning, under ``rule`` (see :class:`BiasTuningConfig`), and the standard error of
+    the mean change."""
     change = (after - before).double()
     if not torch.isfinite(change).all():
-        return True, float("nan")
+        return False, float("nan")  # whatever the rule: NaN or infinite outputs are no model
     n = change.numel()
     stderr = float(change.std() / n**0.5) if n > 1 else 0.0
-    return float(change.mean()) > PUT_BACK_STDERR * stderr, stderr
+    mean = float(change.mean())
+    if rule == "unless_better":
+        return mean < -SIGNIFICANT_STDERR * stderr, stderr
+    if rule == "if_worse":
+        return mean <= SIGNIFICANT_STDERR * stderr, stderr
+    return True, stderr
 
 
 class _Samples:
@@ -222,8 +225,8 @@ class PTBiasTuningBackend(BiasTuningBackend):
                 if layer.is_last and layer.input_quantizer is not None:
                     compat.put_zero_on_grid(layer.input_quantizer)  # else OpenVINO rounds differently
         after = held_out_losses()
-        worse, stderr = significantly_worse(before, after) if n_hold else (False, 0.0)
-        if worse:
+        kept, stderr = keep_tuned(before, after, config.put_back) if n_hold else (True, 0.0)
+        if not kept:
             with torch.no_grad():
                 for t, s in zip(tensors, saved, strict=True):
                     t.copy_(s)
@@ -234,8 +237,8 @@ class PTBiasTuningBackend(BiasTuningBackend):
             samples=count_samples(items),
             held_out=n_hold,
             loss_before=float(before.mean()),
-            loss_after=float(before.mean()) if worse else tuned,
-            kept=not worse,
+            loss_after=tuned if kept else float(before.mean()),
+            kept=kept,
             loss_tuned=tuned,
             change_stderr=stderr,
         )

@@ -8,7 +8,7 @@ from torch import nn
 
 import nncf_calibtip as nc
 from nncf_calibtip import compat
-from nncf_calibtip.algorithms.bias_tuning.torch_backend import significantly_worse
+from nncf_calibtip.algorithms.bias_tuning.torch_backend import keep_tuned
 from tests.conftest import TinyNet, make_images
 
 W4A4 = nc.PrecisionConfig(4, 4, keep_first_last_8bit=False)
@@ -32,14 +32,41 @@ def test_bias_tuning_lowers_kl_on_held_out_data_and_leaves_weights(tiny_model, c
         assert torch.equal(a[name], b[name]), name
 
 
-def test_put_back_only_when_held_out_loss_rises_beyond_its_noise():
+def test_put_back_rules_judge_the_held_out_change_against_its_noise():
     g = torch.Generator().manual_seed(0)
     before = torch.rand(100, generator=g)
     noise = 0.3 * torch.randn(100, generator=g)
-    assert not significantly_worse(before, before + noise - noise.mean() + 0.01)[0]  # within noise
-    assert significantly_worse(before, before + noise - noise.mean() + 0.2)[0]  # ~7 standard errors
-    assert not significantly_worse(before, before - 0.2)[0]
-    assert significantly_worse(before, before + torch.nan)[0]
+    cases = {
+        "slightly lower": before + noise - noise.mean() - 0.01,  # well within the noise
+        "much lower": before + noise - noise.mean() - 0.2,  # ~7 standard errors
+        "slightly higher": before + noise - noise.mean() + 0.01,
+        "much higher": before + noise - noise.mean() + 0.2,
+        "nan": before + torch.nan,
+    }
+    expected = {
+        "unless_better": {"much lower"},
+        "if_worse": {"slightly lower", "much lower", "slightly higher"},
+        "never": {"slightly lower", "much lower", "slightly higher", "much higher"},
+    }
+    for rule, keeps in expected.items():
+        kept = {name for name, after in cases.items() if keep_tuned(before, after, rule)[0]}
+        assert kept == keeps, rule
+
+
+def test_tuning_within_its_noise_is_put_back_by_default(tiny_model, calib_dataset):
+    rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
+    # Two steps at a tiny rate cannot move the held-out loss beyond its noise.
+    cfg = nc.BiasTuningConfig(steps=2, lr=1e-4)
+    same = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    report = nc.get_result(same).reports["bias_tuning"][0]
+    assert not report["kept"] and report["loss_after"] == report["loss_before"] != report["loss_tuned"]
+    a = dict(rtn.named_parameters())
+    for name, p in same.named_parameters():
+        assert torch.equal(p, a[name]), name
+    kept = nc.quantize(
+        tiny_model, calib_dataset, nc.BiasTuningConfig(steps=2, lr=1e-4, put_back="if_worse"), precision=W4A4
+    )
+    assert nc.get_result(kept).reports["bias_tuning"][0]["kept"]
 
 
 def test_diverging_tuning_is_put_back(tiny_model, calib_dataset):
