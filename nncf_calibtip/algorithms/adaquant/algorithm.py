@@ -96,7 +96,10 @@ class AdaQuant(StreamingAlgorithm):
                 )
         finally:
             backend.finish(session)
-        mark_fitted(compat.unwrap(model), [r.name for r in self.reports if r.kept], cfg.mode)
+        # Sequential mode fitted every later layer on the outputs of the model as it is, so a layer
+        # left at round-to-nearest is part of the fit too: changing it would undo its successors'.
+        fitted = [r.name for r in self.reports if r.kept or cfg.mode == "sequential"]
+        mark_fitted(compat.unwrap(model), fitted, cfg.mode)
         self.calibration_seconds = time.perf_counter() - start
         improved = sum(r.error_after < r.error_before for r in self.reports)
         compat.nncf_logger.info(

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import nncf
 import numpy as np
@@ -8,6 +9,7 @@ from torch import nn
 
 import nncf_calibtip as nc
 from nncf_calibtip import compat
+from nncf_calibtip.calibration.fitted_layers import fitted_layers
 from nncf_calibtip.evaluation import compile_ir
 from nncf_calibtip.quantized_layers import find_quantized_layers
 from tests.conftest import TinyNet, make_images
@@ -105,6 +107,25 @@ def test_layers_adaquant_fitted_are_left_or_only_recentred_by_default(tiny_model
         assert not algorithm.reports
         for (k, v_aq), v_tuned in zip(aq.state_dict().items(), tuned.state_dict().values(), strict=True):
             assert torch.equal(v_aq, v_tuned), k
+
+
+def test_layers_sequential_adaquant_left_at_round_to_nearest_are_left_too(tiny_model, calib_dataset):
+    # A diverging weight learning rate makes AdaQuant reject some layers (held-out error rose).
+    cfg = nc.AdaQuantConfig(iters=10, lr_weight=1e3, range_search=False)
+    aq = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    reports = nc.get_result(aq).reports["adaquant"]
+    rejected = {r["name"] for r in reports if not r["kept"]}
+    assert rejected
+    # Later layers were fitted on the rejected layers' outputs: BN tuning must not move them.
+    assert set(fitted_layers(aq)) == {r["name"] for r in reports}
+    tuned, algorithm = _tune(aq, calib_dataset, nc.BNTuningConfig())
+    assert not algorithm.reports
+    for (k, v_aq), v_tuned in zip(aq.state_dict().items(), tuned.state_dict().values(), strict=True):
+        assert torch.equal(v_aq, v_tuned), k
+    # In parallel mode a rejected layer is plain round-to-nearest, and BN tuning tunes it fully.
+    par = nc.quantize(tiny_model, calib_dataset, dataclasses.replace(cfg, mode="parallel"), precision=W4A4)
+    kept = {r["name"] for r in nc.get_result(par).reports["adaquant"] if r["kept"]}
+    assert set(fitted_layers(par)) == kept
 
 
 def test_brings_the_model_closer_to_fp_without_batchnorm_modules(calib_dataset, test_data):
