@@ -4,10 +4,9 @@ Later algorithms treat those layers differently. BN tuning leaves alone a layer 
 AdaQuant fitted (it was fitted to its FP output on the quantized model's own inputs, so the
 drift BN tuning corrects is already accounted for; that includes a layer it left at
 round-to-nearest, since every later layer was fitted on that layer's outputs), and only
-re-centres one fitted in parallel
-mode: a layer fitted to its FP output in the MSE sense has, under quantization noise, a
-deliberately narrower output than the FP layer (the MSE-best estimate shrinks towards the
-mean), so stretching it back would amplify the noise.
+re-centres one fitted in parallel mode: a layer fitted to its FP output in the MSE sense has,
+under quantization noise, a deliberately narrower output than the FP layer (the MSE-best
+estimate shrinks towards the mean), so stretching it back would amplify the noise.
 """
 
 from __future__ import annotations

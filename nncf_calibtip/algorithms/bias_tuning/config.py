@@ -50,9 +50,9 @@ class BiasTuningConfig(ConfigMixin):
         only when that loss fell by more (the tuning measurably helped); ``"if_worse"`` puts
         them back only when it rose by more (a failure such as a diverging learning rate);
         ``"never"`` keeps them. A non-finite held-out loss puts them back under every rule.
-        ``"unless_better"`` because after sequential AdaQuant the
-        tuning lowered the KL within its noise yet cost top-1 agreement on unseen images on
-        both sample models, while after round-to-nearest it helps far beyond the noise.
+        ``"unless_better"`` because after sequential AdaQuant the tuning lowered the KL within
+        its noise yet cost top-1 agreement on unseen images on both sample models, while after
+        round-to-nearest it helps far beyond the noise.
     :param subset_size: Calibration samples used at most.
     :param seed: Seed of the mini-batch sampling; the same seed gives the same model.
     :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.
