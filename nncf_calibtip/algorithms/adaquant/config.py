@@ -52,6 +52,14 @@ class AdaQuantConfig(ConfigMixin):
         steps then refine them (each only where ``optimize_activation_range`` /
         ``optimize_weight_scale`` is on). Off: start from MinMax's ranges, as the paper does.
     :param range_search_samples: Calibration samples the range search scores on.
+    :param activation_range_iters: Steps (the first ones) in which the input range trains; the
+        range is then fixed, every training input is quantized once, and the remaining steps
+        fit the weights, scales and bias to that range without re-quantizing the input or
+        back-propagating into it (a step then costs 30-70% less). None: every step, as the
+        paper. The default 50 (of 200) was chosen on held-out data of both sample models
+        (closer to FP on unseen images for every seed tried, 15-25% less time; see the
+        README). A layer that does not train its input range takes the cheap steps from the
+        start.
     :param input_drop: Probability with which each input element skips the layer's input
         quantizer in a training step (QDrop, Wei et al. 2022): the weights then fit a range
         of activation noise instead of the calibration set's exact one. Off (0) by default:
@@ -86,6 +94,7 @@ class AdaQuantConfig(ConfigMixin):
     optimize_activation_range: bool = True
     range_search: bool = True
     range_search_samples: int = 128
+    activation_range_iters: int | None = 50
     input_drop: float = 0.0
     holdout_fraction: float = 0.1
     subset_size: int = 1024
@@ -108,6 +117,11 @@ class AdaQuantConfig(ConfigMixin):
             if not getattr(self, name) >= 0:
                 msg = f"{name}={getattr(self, name)!r} must be a non-negative number."
                 raise ValueError(msg)
+        if self.activation_range_iters is not None and (
+            not isinstance(self.activation_range_iters, int) or self.activation_range_iters < 0
+        ):
+            msg = f"activation_range_iters={self.activation_range_iters!r} must be a non-negative integer or None."
+            raise ValueError(msg)
         if not isinstance(self.fp_cache_mb, int) or self.fp_cache_mb < 0:
             msg = f"fp_cache_mb={self.fp_cache_mb!r} must be a non-negative integer."
             raise ValueError(msg)

@@ -156,16 +156,26 @@ class PTAdaQuantBackend(AdaQuantBackend):
             base = [g["lr"] for g in groups]
             gen = torch.Generator(device="cpu").manual_seed(config.seed * 100003 + layer_index)
             bs = min(config.batch_size, n_train)
+            fixed_range_from = _fixed_range_from(problem, config)
+            x_quantized = None
             for step in range(config.iters):
                 f = cosine_lr(step, config.iters)
                 for g, lr in zip(opt.param_groups, base, strict=False):
                     g["lr"] = lr * f
+                if step == fixed_range_from:
+                    # From here on the input range does not move: quantize the inputs once.
+                    x_quantized = _quantize_inputs(problem, inputs[:n_train])
                 idx = torch.randint(0, n_train, (bs,), generator=gen).to(session.device)
                 x = inputs[idx]
                 keep_fp = None
                 if config.input_drop > 0 and layer.input_quantizer is not None:
                     keep_fp = (torch.rand(x.shape, generator=gen) < config.input_drop).to(session.device)
-                loss = (problem.quantized_output(x, keep_fp) - targets[idx]).pow(2).mean()
+                if x_quantized is None:
+                    out = problem.quantized_output(x, keep_fp)
+                else:
+                    xq = x_quantized[idx] if keep_fp is None else torch.where(keep_fp, x, x_quantized[idx])
+                    out = problem.quantized_output(xq, input_quantized=True)
+                loss = (out - targets[idx]).pow(2).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -186,6 +196,24 @@ class PTAdaQuantBackend(AdaQuantBackend):
             capture_s=t1 - t0,
             optimize_s=time.perf_counter() - t1,
         )
+
+
+def _fixed_range_from(problem: LayerProblem, config: AdaQuantConfig) -> int | None:
+    """The step from which the layer's input range stays fixed (None: it trains throughout,
+    or the layer has no input quantizer)."""
+    if problem.layer.input_quantizer is None:
+        return None
+    if not problem.train_input_range:
+        return 0
+    if config.activation_range_iters is None or config.activation_range_iters >= config.iters:
+        return None
+    return config.activation_range_iters
+
+
+@torch.no_grad()
+def _quantize_inputs(problem: LayerProblem, x: torch.Tensor) -> torch.Tensor:
+    """``x`` through the layer's input quantizer at its current range, in chunks."""
+    return torch.cat([problem.quantize_input(x[i : i + _EVAL_CHUNK]) for i in range(0, len(x), _EVAL_CHUNK)])
 
 
 def _layer_only_output(layer: QuantizedLayer, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

@@ -54,6 +54,39 @@ def test_same_seed_same_model_and_callers_model_untouched(tiny_model, calib_data
     assert not hasattr(tiny_model, "_nncf_hooks") and not tiny_model.training
 
 
+def _input_ranges(model):
+    return {
+        name: (q.input_low.detach().clone(), q.input_range.detach().clone())
+        for name, q in compat.unwrap(model).named_modules()
+        if isinstance(q, compat.AsymmetricQuantizer)
+    }
+
+
+def test_input_range_fixed_from_step_zero_equals_not_training_it(tiny_model, calib_dataset, test_data):
+    # activation_range_iters=0: the searched range stays; the cheap steps fit the same model as
+    # steps that re-quantize the input every time with a zero input-range learning rate.
+    fixed = nc.quantize(
+        tiny_model, calib_dataset, nc.AdaQuantConfig(iters=40, activation_range_iters=0), precision=W4A4
+    )
+    no_lr = nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(iters=40, lr_activation_range=0.0), precision=W4A4)
+    every_step = nc.AdaQuantConfig(iters=40, activation_range_iters=None)
+    trained = nc.quantize(tiny_model, calib_dataset, every_step, precision=W4A4)
+    a, b, c = _input_ranges(fixed), _input_ranges(no_lr), _input_ranges(trained)
+    assert a.keys() == b.keys() and len(a) >= 3
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert any(not torch.equal(a[n][1], c[n][1]) for n in a)  # training the range does move it
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(test_data), no_lr(test_data), rtol=1e-4, atol=1e-5)
+
+
+def test_input_range_fixed_after_some_steps_still_beats_round_to_nearest(tiny_model, calib_dataset):
+    cfg = nc.AdaQuantConfig(iters=150, holdout_fraction=0.25, activation_range_iters=50)
+    reports = nc.get_result(nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)).reports["adaquant"]
+    for r in reports:
+        assert r["error_after"] < r["error_before"], r
+
+
 def test_all_zero_output_channel_gives_no_nan(calib_dataset, test_data):
     model = TinyNet(zero_channel=True).eval()
     q = nc.quantize(model, calib_dataset, nc.AdaQuantConfig(iters=30), precision=W4A4)
@@ -103,6 +136,8 @@ def test_too_small_calibration_set_is_an_error(tiny_model, calib_data):
         {"input_drop": -0.1},
         {"device": "tpu"},
         {"max_weight_change": 0.0},
+        {"activation_range_iters": -1},
+        {"activation_range_iters": 2.5},
     ],
 )
 def test_config_validation(kwargs):
