@@ -179,6 +179,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+            del x_quantized
         after = _relative_error(problem, report_x, report_y)
         kept = True
         if after > before and n_hold:
@@ -205,9 +206,10 @@ def _fixed_range_from(problem: LayerProblem, config: AdaQuantConfig) -> int | No
         return None
     if not problem.train_input_range:
         return 0
-    if config.activation_range_iters is None or config.activation_range_iters >= config.iters:
+    steps = config.input_range_steps()
+    if steps is None or steps >= config.iters:
         return None
-    return config.activation_range_iters
+    return steps
 
 
 @torch.no_grad()

@@ -80,6 +80,14 @@ def test_input_range_fixed_from_step_zero_equals_not_training_it(tiny_model, cal
         torch.testing.assert_close(fixed(test_data), no_lr(test_data), rtol=1e-4, atol=1e-5)
 
 
+def test_input_range_steps_auto_depends_on_the_mode():
+    assert nc.AdaQuantConfig(mode="sequential").input_range_steps() == 50
+    assert nc.AdaQuantConfig(mode="parallel").input_range_steps() is None
+    assert nc.AdaQuantConfig(mode="parallel", activation_range_iters=20).input_range_steps() == 20
+    cfg = nc.AdaQuantConfig(activation_range_iters=None)
+    assert nc.AdaQuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
 def test_input_range_fixed_after_some_steps_still_beats_round_to_nearest(tiny_model, calib_dataset):
     cfg = nc.AdaQuantConfig(iters=150, holdout_fraction=0.25, activation_range_iters=50)
     reports = nc.get_result(nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)).reports["adaquant"]
@@ -138,6 +146,8 @@ def test_too_small_calibration_set_is_an_error(tiny_model, calib_data):
         {"max_weight_change": 0.0},
         {"activation_range_iters": -1},
         {"activation_range_iters": 2.5},
+        {"activation_range_iters": "always"},
+        {"activation_range_iters": True},
     ],
 )
 def test_config_validation(kwargs):
