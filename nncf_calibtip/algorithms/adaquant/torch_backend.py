@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,10 +119,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
             y0 = _layer_only_output(layer, session.tensors, x_fp[:_EVAL_CHUNK])
         problem = LayerProblem(layer, session.tensors, config, train_input_range, float(y0.pow(2).mean().sqrt()))
         del y0
-        with torch.no_grad():
-            targets = torch.cat(
-                [problem.fp_output(x_fp[i : i + _EVAL_CHUNK]) for i in range(0, len(x_fp), _EVAL_CHUNK)]
-            )
+        targets = _in_chunks(problem.fp_output, x_fp)
         if config.mode == "sequential":
             del x_fp
             # Input from the quantized model as it is now, before the layer's own input
@@ -164,7 +161,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
                     g["lr"] = lr * f
                 if step == fixed_range_from:
                     # From here on the input range does not move: quantize the inputs once.
-                    x_quantized = _quantize_inputs(problem, inputs[:n_train])
+                    x_quantized = _in_chunks(problem.quantize_input, inputs[:n_train])
                 idx = torch.randint(0, n_train, (bs,), generator=gen).to(session.device)
                 x = inputs[idx]
                 keep_fp = None
@@ -213,9 +210,9 @@ def _fixed_range_from(problem: LayerProblem, config: AdaQuantConfig) -> int | No
 
 
 @torch.no_grad()
-def _quantize_inputs(problem: LayerProblem, x: torch.Tensor) -> torch.Tensor:
-    """``x`` through the layer's input quantizer at its current range, in chunks."""
-    return torch.cat([problem.quantize_input(x[i : i + _EVAL_CHUNK]) for i in range(0, len(x), _EVAL_CHUNK)])
+def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``fn`` over a whole cached set, ``_EVAL_CHUNK`` samples at a time (bounds temporary memory)."""
+    return torch.cat([fn(x[i : i + _EVAL_CHUNK]) for i in range(0, len(x), _EVAL_CHUNK)])
 
 
 def _layer_only_output(layer: QuantizedLayer, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
