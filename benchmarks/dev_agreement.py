@@ -99,7 +99,8 @@ def main() -> None:
     if args.base != "rtn":
         algorithms = (configured(nc.AdaQuantConfig(mode=args.base.split("_")[1]), settings),)
     start = time.perf_counter()
-    config = nc.QuantizationConfig(precision=nc.PrecisionConfig(*BITS[args.bits]), algorithms=algorithms)
+    precision = configured(nc.PrecisionConfig(*BITS[args.bits]), settings)
+    config = nc.QuantizationConfig(precision=precision, algorithms=algorithms)
     base = nc.quantize(task.model, calib, config)
     rows = [{"variant": args.base, "seconds": round(time.perf_counter() - start, 1), **score(fp, logits(base, x))}]
     print(json.dumps(rows[-1]), flush=True)

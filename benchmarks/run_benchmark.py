@@ -32,6 +32,8 @@ from nncf_calibtip.zoo.task import Task
 
 ROOT = Path(__file__).resolve().parent.parent
 BITS = {"W8A8": (8, 8), "W4A8": (4, 8), "W4A4": (4, 4)}
+#: What ``--set`` can change: the algorithms' configs and the precision setup's.
+SETTABLE = {**ALGORITHM_CONFIGS, "precision": nc.PrecisionConfig}
 
 
 #: Algorithms a row can add after its base method, in the order they run.
@@ -101,8 +103,8 @@ def parse_settings(items: list[str]) -> Settings:
     for item in items:
         key, eq, raw = item.partition("=")
         algorithm, _, field = key.partition(".")
-        if not eq or algorithm not in ALGORITHM_CONFIGS or not field:
-            msg = f"--set {item!r}: use ALGORITHM.FIELD=VALUE with ALGORITHM one of {sorted(ALGORITHM_CONFIGS)}."
+        if not eq or algorithm not in SETTABLE or not field:
+            msg = f"--set {item!r}: use ALGORITHM.FIELD=VALUE with ALGORITHM one of {sorted(SETTABLE)}."
             raise SystemExit(msg)
         try:
             value = json.loads(raw)
@@ -111,7 +113,7 @@ def parse_settings(items: list[str]) -> Settings:
         out.setdefault(algorithm, {})[field] = value
     for algorithm, fields in out.items():
         try:
-            ALGORITHM_CONFIGS[algorithm].from_dict(fields)
+            SETTABLE[algorithm].from_dict(fields)
         except (TypeError, ValueError) as e:
             raise SystemExit(f"--set {algorithm}: {e}") from e
     return out
@@ -119,7 +121,7 @@ def parse_settings(items: list[str]) -> Settings:
 
 def configured(config: object, settings: Settings) -> object:
     """``config`` with the ``--set`` fields of its algorithm."""
-    name = next(n for n, cls in ALGORITHM_CONFIGS.items() if isinstance(config, cls))
+    name = next(n for n, cls in SETTABLE.items() if isinstance(config, cls))
     return dataclasses.replace(config, **settings.get(name, {}))
 
 
@@ -206,7 +208,7 @@ def quantize_chain(
             method += f", seed {options['seed']}"
         algorithms = (cfg,)
     config = nc.QuantizationConfig(
-        precision=nc.PrecisionConfig(*bits), algorithms=algorithms, subset_size=calibration_size
+        precision=configured(nc.PrecisionConfig(*bits), settings), algorithms=algorithms, subset_size=calibration_size
     )
     quantized = nc.quantize(task.model, calib, config)
     calib_s = time.perf_counter() - start

@@ -152,6 +152,13 @@ def unwrap(model: Any) -> torch.nn.Module:
     return model.model if isinstance(model, GraphModelWrapper) else model
 
 
+def graph_changed(model: Any) -> None:
+    """Tell NNCF's ``GraphModelWrapper`` that hooks were added, so that the next pipeline step
+    traces the model again (it caches its graph; NNCF's own model transformer does the same)."""
+    if isinstance(model, GraphModelWrapper):
+        model.reset_graph()
+
+
 def register_first_post_function_hook(model: torch.nn.Module, op_name: str, port_id: int, hook: torch.nn.Module) -> Any:
     """Like NNCF's ``register_post_function_hook``, but ``hook`` runs before the hooks already
     there (e.g. sees a layer's output before the quantizer placed on it). Their names stay."""
@@ -242,6 +249,7 @@ __all__ = [
     "build_graph",
     "get_backend",
     "get_hook_storage",
+    "graph_changed",
     "hook_node_marker",
     "install_module_call_patches",
     "is_hook_node",

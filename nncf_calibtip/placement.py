@@ -9,6 +9,7 @@ at its input. Ranges carry over (min/max ranges do not depend on the bit width).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -16,11 +17,14 @@ import torch
 
 from nncf_calibtip import compat
 from nncf_calibtip.plan import ACTIVATION_BITS, WEIGHT_BITS, LayerPrecision, PrecisionPlan
-from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers
+from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers, quantizer_consumers
 
 #: Weight scales are kept at least this large: dead channels (all-zero weights) would otherwise
 #: give a zero quantization range, which OpenVINO's FakeQuantize turns into NaN.
 MIN_WEIGHT_SCALE = 1e-8
+
+#: Bits of the activation quantizers NNCF's MinMax places (readers other than layers keep them).
+DEFAULT_ACTIVATION_BITS = 8
 
 OverflowFixMode = Literal["enable", "first_layer", "disable"]
 
@@ -38,6 +42,16 @@ class PrecisionConfig:
         torch's on every x86 CPU; ``"first_layer"`` is NNCF's default; ``"disable"`` uses the
         full range (only safe on VNNI/AMX CPUs). Weights below 8 bits cannot overflow.
     :param layers: Per-layer overrides ``{node name: LayerPrecision}``, applied last.
+    :param separate_low_bit_inputs: Activation bits are those of each layer's own input. NNCF
+        places one quantizer on a tensor that several operations read: a ReLU's output feeding
+        both the next block's conv and the residual add, say. Where such a quantizer feeds a
+        layer at fewer activation bits than another of its readers (the add, which keeps
+        NNCF's 8 bits, or a layer at more bits), the layer gets a quantizer of its own on its
+        input, at its bits, starting from the shared one's range; the shared one keeps the
+        widest bits its other readers need. As in the paper, whose W4A4 quantizes the inputs
+        of convs and linears only. False: the shared quantizer takes the widest bits of the
+        layers reading it, and every other reader shares them (a W4A4 ResNet's residual
+        stream is then 4-bit).
     """
 
     weight_bits: int = 8
@@ -45,6 +59,7 @@ class PrecisionConfig:
     keep_first_last_8bit: bool = True
     overflow_fix: OverflowFixMode = "enable"
     layers: dict[str, LayerPrecision] = field(default_factory=dict)
+    separate_low_bit_inputs: bool = True
 
     def __post_init__(self) -> None:
         if self.weight_bits not in WEIGHT_BITS:
@@ -128,6 +143,30 @@ def effective_plan(layers: list[QuantizedLayer], plan: PrecisionPlan) -> Precisi
     return PrecisionPlan(out)
 
 
+def separate_low_bit_inputs(
+    model: torch.nn.Module, graph: compat.NNCFGraph, layers: list[QuantizedLayer], plan: PrecisionPlan
+) -> list[str]:
+    """Give every layer whose input quantizer also feeds a reader needing more activation bits
+    a quantizer of its own (a copy of the shared one, as a pre-hook on its input). Returns the
+    names of those layers; :func:`find_quantized_layers` then finds their new quantizers."""
+    ports = {(layer.node.node_name, 0): layer for layer in layers}
+    by_key: dict[str, list[QuantizedLayer]] = {}
+    for layer in layers:
+        if layer.input_quantizer_key is not None:
+            by_key.setdefault(layer.input_quantizer_key, []).append(layer)
+    separated = []
+    for key, users in by_key.items():
+        readers = quantizer_consumers(graph, key)
+        widest = max(plan[ports[r].name].activation_bits if r in ports else DEFAULT_ACTIVATION_BITS for r in readers)
+        for layer in users:
+            if plan[layer.name].activation_bits < widest and (layer.node.node_name, 0) in readers:
+                assert layer.input_quantizer is not None
+                own = copy.deepcopy(layer.input_quantizer)
+                compat.register_pre_function_hook(model, layer.node.node_name, 0, own)
+                separated.append(layer.name)
+    return separated
+
+
 def apply_plan(model: torch.nn.Module, layers: list[QuantizedLayer], plan: PrecisionPlan, overflow_fix: str) -> None:
     """Set every layer's quantizer bits from ``plan`` (in place)."""
     for layer in layers:
@@ -194,6 +233,15 @@ class PrecisionSetup(compat.Algorithm):
         if missing:
             msg = f"The plan has no entry for layers {missing}; give every quantized layer a precision."
             raise ValueError(msg)
+        if self.config.separate_low_bit_inputs:
+            separated = separate_low_bit_inputs(torch_model, graph, layers, plan)
+            if separated:
+                compat.nncf_logger.info(
+                    f"{len(separated)} layers get input quantizers of their own: their input also feeds "
+                    "operations at more bits (separate_low_bit_inputs)"
+                )
+                layers = find_quantized_layers(torch_model, graph)
+                compat.graph_changed(model)
         plan = effective_plan(layers, plan)
         apply_plan(torch_model, layers, plan, self.config.overflow_fix)
         setattr(torch_model, PLAN_ATTRIBUTE, plan)

@@ -215,6 +215,28 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
     return layers
 
 
+def quantizer_consumers(graph: compat.NNCFGraph, key: str) -> set[tuple[str, int]]:
+    """The operations ``(node name, input port)`` that get the output of quantizer ``key``,
+    past other hooks and quantization-agnostic operations (padding, max-pooling, reshapes)."""
+    marker = compat.hook_node_marker(key)
+    family = {n.node_id for n in graph.get_all_nodes() if marker in n.node_name}
+    stack = [e for nid in family for e in graph.get_output_edges(graph.get_node_by_id(nid))]
+    seen: set[int] = set(family)
+    consumers: set[tuple[str, int]] = set()
+    while stack:
+        edge = stack.pop()
+        node = edge.to_node
+        if node.node_id in family:
+            continue
+        if compat.is_hook_node(node) or is_quantization_agnostic(node):
+            if node.node_id not in seen:
+                seen.add(node.node_id)
+                stack += graph.get_output_edges(node)
+        else:
+            consumers.add((node.node_name, edge.input_port_id))
+    return consumers
+
+
 def input_quantizer_owners(layers: Sequence[QuantizedLayer]) -> dict[str, QuantizedLayer]:
     """Input quantizer key -> the first layer (in ``layers``' order) using it: the one whose
     calibration trains a quantizer several layers share."""

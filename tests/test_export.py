@@ -27,6 +27,19 @@ def test_ir_keeps_the_plan(quantized, test_data, tmp_path):
     levels = sorted(layer.activation_levels for layer in res.layers)
     assert levels == [16, 16, 256, 256, 256]
     assert nc.PrecisionPlan.from_json(res.plan_json) == plan
+    # The residual add reads the stem's ReLU output at 8 bits; the 4-bit depthwise conv its own copy.
+    model = ov.Core().read_model(res.xml)
+    add = next(
+        op for op in model.get_ops() if op.get_type_name() == "Add" and op.get_friendly_name().startswith("aten::add")
+    )
+    add_levels = []
+    for port in range(2):
+        node = add.input_value(port).get_node()
+        while node.get_type_name() not in ("FakeQuantize", "Parameter", "Convolution"):
+            node = node.input_value(0).get_node()
+        if node.get_type_name() == "FakeQuantize":
+            add_levels.append(node.get_attributes()["levels"])
+    assert 256 in add_levels and 16 not in add_levels
 
 
 def test_4bit_weights_are_stored_compressed(tiny_model, calib_dataset, test_data, tmp_path):

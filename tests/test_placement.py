@@ -66,3 +66,34 @@ def test_bad_inputs_are_clear_errors(tiny_model, calib_data):
         nc.quantize(tiny_model, [calib_data])
     with pytest.raises(TypeError, match="torch.nn.Module"):
         nc.quantize("model", nncf.Dataset([calib_data]))
+
+
+def _hook_bits(q) -> dict[str, int]:
+    from nncf_calibtip import compat
+
+    return {name: m.num_bits for name, m in q.named_modules() if isinstance(m, compat.BaseQuantizer)}
+
+
+def test_low_bit_layer_gets_its_own_input_quantizer_the_residual_keeps_8bit(tiny_model, calib_dataset):
+    # The stem's ReLU output reaches the depthwise conv and the residual add (past max-pooling).
+    q = nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(4, 4))
+    bits = _hook_bits(q)
+    shared = "__nncf_hooks.post_hooks./relu/0__0.0"
+    assert bits[shared] == 8
+    dw = _layers(q)["dw"]
+    assert dw.input_quantizer_key == "pre_hooks.dw/conv2d/0__0.0" and dw.input_quantizer.num_bits == 4
+    # It starts from the shared quantizer's range (AdaQuant's range search moves it later).
+    s = dict(q.named_modules())[shared]
+    assert torch.equal(dw.input_quantizer.input_range.abs(), s.input_range.abs())
+    # pw reads only the depthwise output: nothing to separate.
+    assert _layers(q)["pw"].input_quantizer_key.startswith("post_hooks.")
+
+    shared_4bit = nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(4, 4, separate_low_bit_inputs=False))
+    assert _hook_bits(shared_4bit)[shared] == 4
+    assert _layers(shared_4bit)["dw"].input_quantizer_key == "post_hooks./relu/0__0.0"
+
+
+def test_no_quantizer_is_separated_when_every_reader_has_the_same_bits(tiny_model, calib_dataset):
+    for cfg in (PrecisionConfig(8, 8), PrecisionConfig(4, 8)):
+        q = nc.quantize(tiny_model, calib_dataset, precision=cfg)
+        assert not any(name.startswith("__nncf_hooks.pre_hooks") and "__0." in name for name in _hook_bits(q))
