@@ -157,6 +157,8 @@ def separate_low_bit_inputs(
     separated = []
     for key, users in by_key.items():
         readers = quantizer_consumers(graph, key)
+        if not readers:
+            continue
         widest = max(plan[ports[r].name].activation_bits if r in ports else DEFAULT_ACTIVATION_BITS for r in readers)
         for layer in users:
             if plan[layer.name].activation_bits < widest and (layer.node.node_name, 0) in readers:
