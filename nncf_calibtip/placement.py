@@ -4,7 +4,9 @@ NNCF's MinMax places the quantizers (per-channel symmetric weights, per-tensor a
 activations, ranges from the calibration set) at 8 bits, since NNCF's hardware configs refuse
 lower widths. :class:`PrecisionSetup` then gives every quantized layer the bits of a
 :class:`~nncf_calibtip.plan.PrecisionPlan`: its weight quantizer and the activation quantizer
-at its input. Ranges carry over (min/max ranges do not depend on the bit width).
+at its input. Ranges carry over (min/max ranges do not depend on the bit width). A layer
+whose input quantizer also serves a reader at more bits (a residual add) first gets a
+quantizer of its own (:func:`separate_low_bit_inputs`).
 """
 
 from __future__ import annotations
