@@ -215,11 +215,16 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
     return layers
 
 
+def hook_node_ids(graph: compat.NNCFGraph, key: str) -> set[int]:
+    """Ids of the graph nodes of hook ``key`` (a quantizer traces as a few operations)."""
+    marker = compat.hook_node_marker(key)
+    return {n.node_id for n in graph.get_all_nodes() if marker in n.node_name}
+
+
 def quantizer_consumers(graph: compat.NNCFGraph, key: str) -> set[tuple[str, int]]:
     """The operations ``(node name, input port)`` that get the output of quantizer ``key``,
     past other hooks and quantization-agnostic operations (padding, max-pooling, reshapes)."""
-    marker = compat.hook_node_marker(key)
-    family = {n.node_id for n in graph.get_all_nodes() if marker in n.node_name}
+    family = hook_node_ids(graph, key)
     stack = [e for nid in family for e in graph.get_output_edges(graph.get_node_by_id(nid))]
     seen: set[int] = set(family)
     consumers: set[tuple[str, int]] = set()

@@ -6,6 +6,7 @@ import torch
 import nncf_calibtip as nc
 from nncf_calibtip import compat
 from nncf_calibtip.evaluation import compile_ir
+from nncf_calibtip.export import _walk_to
 from nncf_calibtip.placement import PrecisionConfig
 from nncf_calibtip.plan import LayerPrecision
 from nncf_calibtip.quantized_layers import find_quantized_layers
@@ -32,13 +33,8 @@ def test_ir_keeps_the_plan(quantized, test_data, tmp_path):
     add = next(
         op for op in model.get_ops() if op.get_type_name() == "Add" and op.get_friendly_name().startswith("aten::add")
     )
-    add_levels = []
-    for port in range(2):
-        node = add.input_value(port).get_node()
-        while node.get_type_name() not in ("FakeQuantize", "Parameter", "Convolution"):
-            node = node.input_value(0).get_node()
-        if node.get_type_name() == "FakeQuantize":
-            add_levels.append(node.get_attributes()["levels"])
+    add_levels = [_walk_to(add.input_value(port).get_node(), {"FakeQuantize"}) for port in range(2)]
+    add_levels = [fq.get_attributes()["levels"] for fq in add_levels if fq is not None]
     assert 256 in add_levels and 16 not in add_levels
 
 

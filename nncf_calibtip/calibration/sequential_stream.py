@@ -28,7 +28,12 @@ from torch import nn
 
 from nncf_calibtip import compat
 from nncf_calibtip.calibration.data import call_model, iterate_on
-from nncf_calibtip.quantized_layers import QuantizedLayer, input_quantizer_owners, is_quantization_agnostic
+from nncf_calibtip.quantized_layers import (
+    QuantizedLayer,
+    hook_node_ids,
+    input_quantizer_owners,
+    is_quantization_agnostic,
+)
 
 
 class StreamNotExact(Exception):
@@ -45,8 +50,7 @@ def _derived_outputs(
         ids follow execution order), an agnostic operation mixes it with other tensors, or
         moves the channel axis of a per-channel quantizer's value.
     """
-    marker = compat.hook_node_marker(key)
-    family = {n.node_id for n in graph.get_all_nodes() if marker in n.node_name}
+    family = hook_node_ids(graph, key)
     if not family:
         msg = f"the graph has no node of quantizer {key}"
         raise StreamNotExact(msg)
