@@ -28,6 +28,31 @@ class _Tensors:
     bn: dict[int, torch.Tensor]
 
 
+def batch_norm_affine(
+    layer: QuantizedLayer, bn: Mapping[int, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The BatchNorm after ``layer`` as ``y * scale + shift`` per output channel, or None when
+    it cannot be folded that way (none, not ``torch.batch_norm``, or in training mode).
+
+    :param bn: The BatchNorm's tensors by port (weight 1, bias 2, running mean 3 and variance 4).
+    """
+    node = layer.batch_norm
+    if node is None or not isinstance(node.layer_attributes, compat.PT2OpLayerAttributes):
+        return None
+    attrs = node.layer_attributes
+    args = attrs.op_args
+    if attrs.func is not torch.batch_norm or len(args) < 8 or args[5] or 3 not in bn or 4 not in bn:
+        return None
+    with torch.no_grad():
+        scale = torch.rsqrt(bn[4] + args[7])
+        if 1 in bn:
+            scale = scale * bn[1]
+        shift = -bn[3] * scale
+        if 2 in bn:
+            shift = shift + bn[2]
+    return scale, shift
+
+
 def _quantize_input(
     q: compat.BaseQuantizer,
     x: torch.Tensor,
@@ -86,6 +111,10 @@ class LayerProblem:
         self.output_rms = max(output_rms, 1e-12)
         # Faster steps for a depthwise conv on a small map (same function, other summation order).
         self._depthwise = SmallMapDepthwise.for_node(layer.node)
+        # The quantized forward folds the BatchNorm into the weight and bias (the same function
+        # in another rounding order): no pass of its own over the output in every step and its
+        # backward. The target keeps the model's own BatchNorm call.
+        self._bn_fold = batch_norm_affine(layer, self.fp.bn)
         iq = layer.input_quantizer
         self.train_input_range = train_input_range and iq is not None and config.optimize_activation_range
         if iq is not None:
@@ -103,6 +132,8 @@ class LayerProblem:
         for name in ("weight_scale0", "weight_step0", "low0", "range0"):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name).to(device))
+        if self._bn_fold is not None:
+            self._bn_fold = (self._bn_fold[0].to(device), self._bn_fold[1].to(device))
 
     # ------------------------------------------------------------------ forward
     def trainable(self) -> list[dict]:
@@ -183,10 +214,20 @@ class LayerProblem:
         if self.bias_target == "bias":
             bias = bias + db
         w = self.quantized_weight() if weight is None else weight
+        # A linear layer's channels are its output's last axis, a BatchNorm's the second.
+        fold = self._bn_fold is not None and (not self.layer.is_linear or x.dim() == 2)
+        if fold:
+            scale, shift = self._bn_fold
+            if self.bias_target == "bn":
+                shift = shift + db
+            w = w * scale.view(-1, *([1] * (w.dim() - 1)))
+            bias = shift if bias is None else bias * scale + shift
         if self._depthwise is not None:
             y = self._depthwise(x, w, bias)
         else:
             y = call_op(self.layer.node, {0: x, 1: w, 2: bias})
+        if fold:
+            return y if self.layer.activation is None else call_op(self.layer.activation, {0: y})
         return self._tail(y, db if self.bias_target == "bn" else None)
 
     @torch.no_grad()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from nncf_calibtip import compat
@@ -172,7 +173,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
                 else:
                     xq = x_quantized[idx] if keep_fp is None else torch.where(keep_fp, x, x_quantized[idx])
                     out = problem.quantized_output(xq, input_quantized=True)
-                loss = (out - targets[idx]).pow(2).mean()
+                loss = F.mse_loss(out, targets[idx])  # one fused pass forward and backward
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
