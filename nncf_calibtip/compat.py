@@ -36,11 +36,12 @@ from nncf.torch.function_hook import (
     is_wrapped,
     register_post_function_hook,
     register_pre_function_hook,
-    wrap_model,
 )
+from nncf.torch.function_hook import wrap_model as _nncf_wrap_model
 from nncf.torch.function_hook.graph.graph_utils import TensorMeta
 from nncf.torch.function_hook.nncf_graph.layer_attributes import PT2OpLayerAttributes
 from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import GraphModelWrapper
+from nncf.torch.function_hook.wrapper import ATR_HOOK_STORAGE
 from nncf.torch.graph import operator_metatypes as om
 from nncf.torch.quantization.default_quantization import DEFAULT_PT_QUANT_TRAIT_TO_OP_DICT
 from nncf.torch.quantization.layers import AsymmetricQuantizer, BaseQuantizer, SymmetricQuantizer
@@ -145,6 +146,31 @@ def put_zero_on_grid(quantizer: BaseQuantizer) -> None:
     low, range_ = zero_on_grid(quantizer.input_low, quantizer.input_range, quantizer.levels)
     quantizer.input_low.copy_(low)
     store_quantizer_range(quantizer, range_)
+
+
+class HookedSequential(torch.nn.Sequential):
+    """An ``nn.Sequential`` whose forward skips NNCF's hook storage. NNCF stores its hooks as a
+    child module of the model it wraps, and ``nn.Sequential.forward`` calls every child, so
+    NNCF 3.4 fails on a top-level Sequential ("Module [HookStorage] is missing the required
+    forward function")."""
+
+    def forward(self, input: Any) -> Any:  # noqa: A002 (nn.Sequential's name)
+        for name, module in self._modules.items():
+            if name != ATR_HOOK_STORAGE:
+                input = module(input)
+        return input
+
+
+def wrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """NNCF's ``wrap_model``; a plain ``nn.Sequential`` (one that keeps ``nn.Sequential``'s
+    forward) becomes a :class:`HookedSequential` first, the same model with the same names."""
+    if isinstance(model, torch.nn.Sequential) and type(model).forward is torch.nn.Sequential.forward:
+        cls = type(model)
+        if cls is torch.nn.Sequential:
+            model.__class__ = HookedSequential
+        else:  # a subclass with methods of its own: keep them
+            model.__class__ = type(cls.__name__, (cls,), {"forward": HookedSequential.forward})
+    return _nncf_wrap_model(model)
 
 
 def unwrap(model: Any) -> torch.nn.Module:

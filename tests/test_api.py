@@ -1,9 +1,11 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
 import nncf_calibtip as nc
+from nncf_calibtip.evaluation import compile_ir
 
 
 def test_quantization_config_json_round_trip(tmp_path):
@@ -52,3 +54,30 @@ def test_refine_adds_algorithms_to_a_quantized_model(tiny_model, calib_dataset, 
         torch.testing.assert_close(q(test_data), before, rtol=0, atol=0)  # the input model is unchanged
     with pytest.raises(ValueError, match="not produced by nncf_calibtip.quantize"):
         nc.refine(tiny_model, calib_dataset, nc.BNTuningConfig())
+
+
+def test_a_top_level_sequential_is_quantized_and_exported(calib_dataset, test_data, tmp_path):
+    # NNCF 3.4 alone fails on a top-level nn.Sequential (it calls NNCF's hook storage as a layer).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 7 * 7, 10),
+    ).eval()
+    precision = nc.PrecisionConfig(4, 4, keep_first_last_8bit=False)
+    q = nc.quantize(model, calib_dataset, nc.AdaQuantConfig(iters=20), precision=precision)
+    assert type(model) is torch.nn.Sequential and len(model) == 7  # the caller's model is untouched
+    assert isinstance(q, torch.nn.Sequential)
+    assert sorted(nc.get_plan(q)) == ["0/conv2d/0", "3/conv2d/0", "6/linear/0"]
+    rtn = nc.quantize(model, calib_dataset, precision=precision)
+    with torch.no_grad():
+        fp, out = model(test_data), q(test_data)
+        assert (out - fp).pow(2).mean() < (rtn(test_data) - fp).pow(2).mean()
+    res = nc.export_openvino(q, test_data[:1], tmp_path / "seq.xml", input_shape=[(-1, 3, 16, 16)])
+    assert nc.check_ir_against_plan(res, nc.get_plan(q)) == []
+    ov_out = compile_ir(res.xml)(test_data.numpy())[0]
+    assert np.median(np.abs(ov_out - out.numpy())) <= 1e-4 * np.abs(out.numpy()).max()
