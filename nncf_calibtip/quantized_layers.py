@@ -215,6 +215,18 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
     return layers
 
 
+def batch_norm_eps(node: compat.NNCFNode) -> float | None:
+    """The epsilon of a traced ``torch.batch_norm`` call, or None where the call does not show it."""
+    attrs = node.layer_attributes
+    if "eps" in attrs.op_kwargs:
+        return float(attrs.op_kwargs["eps"])
+    args = attrs.op_args
+    # torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
+    if len(args) > 7 and isinstance(args[7], float):
+        return args[7]
+    return None
+
+
 def hook_node_ids(graph: compat.NNCFGraph, key: str) -> set[int]:
     """Ids of the graph nodes of hook ``key`` (a quantizer traces as a few operations)."""
     marker = compat.hook_node_marker(key)

@@ -18,7 +18,7 @@ from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
 from nncf_calibtip.algorithms.adaquant.depthwise_matmul import SmallMapDepthwise
 from nncf_calibtip.placement import MIN_WEIGHT_SCALE
-from nncf_calibtip.quantized_layers import QuantizedLayer, call_op
+from nncf_calibtip.quantized_layers import QuantizedLayer, batch_norm_eps, call_op
 
 
 @dataclass
@@ -40,11 +40,12 @@ def batch_norm_affine(
     if node is None or not isinstance(node.layer_attributes, compat.PT2OpLayerAttributes):
         return None
     attrs = node.layer_attributes
-    args = attrs.op_args
-    if attrs.func is not torch.batch_norm or len(args) < 8 or args[5] or 3 not in bn or 4 not in bn:
+    eps = batch_norm_eps(node)
+    training = attrs.op_kwargs.get("training", len(attrs.op_args) > 5 and attrs.op_args[5])
+    if attrs.func is not torch.batch_norm or eps is None or training or 3 not in bn or 4 not in bn:
         return None
     with torch.no_grad():
-        scale = torch.rsqrt(bn[4] + args[7])
+        scale = torch.rsqrt(bn[4] + eps)
         if 1 in bn:
             scale = scale * bn[1]
         shift = -bn[3] * scale
@@ -174,9 +175,10 @@ class LayerProblem:
             if bn_bias_change is not None:
                 bn[2] = bn[2] + bn_bias_change
             y = call_op(layer.batch_norm, {0: y, **bn})
-        if layer.activation is not None:
-            y = call_op(layer.activation, {0: y})
-        return y
+        return self._activation(y)
+
+    def _activation(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.layer.activation is None else call_op(self.layer.activation, {0: y})
 
     def fp_output(self, x: torch.Tensor) -> torch.Tensor:
         """The FP layer (with its BatchNorm and activation) on FP input: the target."""
@@ -227,7 +229,7 @@ class LayerProblem:
         else:
             y = call_op(self.layer.node, {0: x, 1: w, 2: bias})
         if fold:
-            return y if self.layer.activation is None else call_op(self.layer.activation, {0: y})
+            return self._activation(y)
         return self._tail(y, db if self.bias_target == "bn" else None)
 
     @torch.no_grad()

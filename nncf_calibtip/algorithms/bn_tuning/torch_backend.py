@@ -18,7 +18,7 @@ from nncf_calibtip.calibration.data import call_model, iterate_on
 from nncf_calibtip.calibration.fitted_layers import fitted_layers
 from nncf_calibtip.calibration.fp_reference import fp_reference, fp_tensors, remember_fp_state
 from nncf_calibtip.placement import MIN_WEIGHT_SCALE
-from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers
+from nncf_calibtip.quantized_layers import QuantizedLayer, batch_norm_eps, find_quantized_layers
 
 #: Channels with a std below this fraction of the layer's largest are treated as dead.
 _MIN_STD = 1e-6
@@ -31,15 +31,11 @@ def _output_node(layer: QuantizedLayer) -> compat.NNCFNode:
 
 def _bn_eps(node: compat.NNCFNode) -> float:
     """The epsilon of a traced ``batch_norm`` call."""
-    attrs = node.layer_attributes
-    if "eps" in attrs.op_kwargs:
-        return float(attrs.op_kwargs["eps"])
-    args = attrs.op_args
-    # torch.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
-    if len(args) > 7 and isinstance(args[7], float):
-        return args[7]
-    msg = f"Cannot read the epsilon of BatchNorm {node.node_name} from its traced call."
-    raise ValueError(msg)
+    eps = batch_norm_eps(node)
+    if eps is None:
+        msg = f"Cannot read the epsilon of BatchNorm {node.node_name} from its traced call."
+        raise ValueError(msg)
+    return eps
 
 
 def _bn_tensors(layer: QuantizedLayer, tensors: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
