@@ -23,7 +23,7 @@ from nncf.common.graph.graph import NNCFGraph, NNCFNode
 from nncf.common.logging import nncf_logger
 from nncf.common.logging.track_progress import track
 from nncf.common.quantization.quantizer_propagation.structs import QuantizationTrait
-from nncf.common.quantization.structs import QuantizationPreset
+from nncf.common.quantization.structs import QuantizationPreset, QuantizationScheme
 from nncf.common.tensor_statistics.statistic_point import StatisticPointsContainer
 from nncf.common.utils.backend import BackendType, get_backend
 from nncf.quantization.advanced_parameters import OverflowFix
@@ -44,8 +44,8 @@ from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import GraphModelWra
 from nncf.torch.function_hook.wrapper import ATR_HOOK_STORAGE
 from nncf.torch.graph import operator_metatypes as om
 from nncf.torch.quantization.default_quantization import DEFAULT_PT_QUANT_TRAIT_TO_OP_DICT
-from nncf.torch.quantization.layers import AsymmetricQuantizer, BaseQuantizer, SymmetricQuantizer
-from nncf.torch.quantization.quantize_functions import asymmetric_quantize, symmetric_quantize
+from nncf.torch.quantization.layers import AsymmetricQuantizer, BaseQuantizer, PTQuantizerSpec, SymmetricQuantizer
+from nncf.torch.quantization.quantize_functions import TuneRange, asymmetric_quantize, symmetric_quantize
 
 TESTED_NNCF_MINOR = "3.4"
 
@@ -139,6 +139,20 @@ def zero_on_grid(low: torch.Tensor, range_: torch.Tensor, levels: int) -> tuple[
 
 
 @torch.no_grad()
+def quantizer_grid(quantizer: BaseQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(origin, step)`` of the grid a quantizer rounds to: ``round((q(x) - origin) / step)``
+    are its integers. Symmetric: origin 0, signed integers. Asymmetric: origin is the low end
+    after NNCF moved the range to put zero on the grid, integers ``0 .. levels - 1``."""
+    if isinstance(quantizer, AsymmetricQuantizer):
+        low, range_ = TuneRange.apply(
+            quantizer.input_low, quantizer.input_range.abs() + quantizer.eps, quantizer.levels
+        )
+        return low, range_ / (quantizer.levels - 1)
+    step = quantizer.scale.abs() / quantizer.level_high
+    return torch.zeros_like(step), step
+
+
+@torch.no_grad()
 def put_zero_on_grid(quantizer: BaseQuantizer) -> None:
     """Apply :func:`zero_on_grid` to an asymmetric quantizer's stored range (in place)."""
     if not isinstance(quantizer, AsymmetricQuantizer):
@@ -183,6 +197,39 @@ def graph_changed(model: Any) -> None:
     traces the model again (it caches its graph; NNCF's own model transformer does the same)."""
     if isinstance(model, GraphModelWrapper):
         model.reset_graph()
+
+
+@torch.no_grad()
+def asymmetric_weight_quantizer(
+    quantizer: BaseQuantizer, weight: torch.Tensor, bits: int, min_range: float
+) -> AsymmetricQuantizer:
+    """An NNCF asymmetric per-channel quantizer for ``weight`` at ``bits`` bits, in place of
+    ``quantizer`` (same scale layout). Its range per output channel is the channel's min/max
+    widened to hold zero (at least ``min_range`` wide, so an all-zero channel has a grid),
+    with zero on the grid."""
+    shape = tuple(quantizer.scale_shape)
+    spec = PTQuantizerSpec(
+        num_bits=bits,
+        mode=QuantizationScheme.ASYMMETRIC,
+        signedness_to_force=None,
+        narrow_range=False,
+        half_range=False,
+        scale_shape=shape,
+        logarithm_scale=False,
+        is_quantized_on_export=quantizer._is_quantized_on_export,
+    )
+    new = AsymmetricQuantizer(spec).to(weight.device)
+    if len(shape) != weight.dim() or any(n not in (1, weight.shape[d]) for d, n in enumerate(shape)):
+        msg = f"Weight quantizer scale shape {shape} does not fit weight shape {tuple(weight.shape)}."
+        raise ValueError(msg)
+    dims = [d for d, n in enumerate(shape) if n == 1]
+    w = weight.detach().float()
+    low = w.amin(dim=dims, keepdim=True).clamp(max=0)
+    high = w.amax(dim=dims, keepdim=True).clamp(min=0)
+    new.input_low.copy_(low.reshape(shape))
+    store_quantizer_range(new, (high - low).clamp_min(min_range).reshape(shape))
+    put_zero_on_grid(new)
+    return new
 
 
 def register_first_post_function_hook(model: torch.nn.Module, op_name: str, port_id: int, hook: torch.nn.Module) -> Any:
@@ -272,6 +319,7 @@ __all__ = [
     "TensorMeta",
     "WEIGHTED_METATYPES",
     "asymmetric_quantize",
+    "asymmetric_weight_quantizer",
     "build_graph",
     "get_backend",
     "get_hook_storage",
@@ -283,6 +331,7 @@ __all__ = [
     "module_call_patches",
     "nncf_logger",
     "put_zero_on_grid",
+    "quantizer_grid",
     "register_first_post_function_hook",
     "register_post_function_hook",
     "register_pre_function_hook",

@@ -3,10 +3,11 @@
 NNCF's MinMax places the quantizers (per-channel symmetric weights, per-tensor asymmetric
 activations, ranges from the calibration set) at 8 bits, since NNCF's hardware configs refuse
 lower widths. :class:`PrecisionSetup` then gives every quantized layer the bits of a
-:class:`~nncf_calibtip.plan.PrecisionPlan`: its weight quantizer and the activation quantizer
-at its input. Ranges carry over (min/max ranges do not depend on the bit width). A layer
-whose input quantizer also serves a reader at more bits (a residual add) first gets a
-quantizer of its own (:func:`separate_low_bit_inputs`).
+:class:`~nncf_calibtip.plan.PrecisionPlan`: its weight quantizer (below 8 bits by default an
+asymmetric one on the weight's per-channel min/max) and the activation quantizer at its
+input. Ranges carry over (min/max ranges do not depend on the bit width). A layer whose input
+quantizer also serves a reader at more bits (a residual add) first gets a quantizer of its own
+(:func:`separate_low_bit_inputs`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MIN_WEIGHT_SCALE = 1e-8
 DEFAULT_ACTIVATION_BITS = 8
 
 OverflowFixMode = Literal["enable", "first_layer", "disable"]
+WeightScheme = Literal["symmetric", "asymmetric"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,13 @@ class PrecisionConfig:
         a 7-bit range. ``"enable"`` (every 8-bit layer) keeps OpenVINO's results equal to
         torch's on every x86 CPU; ``"first_layer"`` is NNCF's default; ``"disable"`` uses the
         full range (only safe on VNNI/AMX CPUs). Weights below 8 bits cannot overflow.
+    :param low_bit_weights: Grid of weights below 8 bits. ``"asymmetric"``: per output
+        channel from the channel's min to its max (zero on the grid), as in the reference
+        code; a channel whose weights are mostly of one sign (common in depthwise convs with
+        9 weights per channel) uses all 16 levels instead of about half of them. OpenVINO
+        stores them as int4 with a per-channel zero point. ``"symmetric"``: NNCF's
+        ``[-scale, scale]`` grid. 8-bit weights stay symmetric either way (NNCF's overflow
+        fix needs it).
     :param layers: Per-layer overrides ``{node name: LayerPrecision}``, applied last.
     :param separate_low_bit_inputs: Activation bits are those of each layer's own input. NNCF
         places one quantizer on a tensor that several operations read: a ReLU's output feeding
@@ -62,6 +71,7 @@ class PrecisionConfig:
     overflow_fix: OverflowFixMode = "enable"
     layers: dict[str, LayerPrecision] = field(default_factory=dict)
     separate_low_bit_inputs: bool = True
+    low_bit_weights: WeightScheme = "asymmetric"
 
     def __post_init__(self) -> None:
         if self.weight_bits not in WEIGHT_BITS:
@@ -72,6 +82,9 @@ class PrecisionConfig:
             raise ValueError(msg)
         if self.overflow_fix not in ("enable", "first_layer", "disable"):
             msg = f"overflow_fix={self.overflow_fix!r} is not one of 'enable', 'first_layer', 'disable'."
+            raise ValueError(msg)
+        if self.low_bit_weights not in ("symmetric", "asymmetric"):
+            msg = f"low_bit_weights={self.low_bit_weights!r} is not one of 'symmetric', 'asymmetric'."
             raise ValueError(msg)
         fixed = {}
         for name, p in self.layers.items():
@@ -171,6 +184,24 @@ def separate_low_bit_inputs(
     return separated
 
 
+def use_asymmetric_low_bit_weights(model: torch.nn.Module, layers: list[QuantizedLayer], plan: PrecisionPlan) -> int:
+    """Replace the symmetric weight quantizer of every layer the plan puts below 8 bits by an
+    asymmetric per-channel one on the weight's min/max (:func:`compat.asymmetric_weight_quantizer`).
+    Returns how many were replaced; :func:`find_quantized_layers` then finds the new ones."""
+    tensors = dict(model.named_parameters())
+    replaced = 0
+    for layer in layers:
+        bits = plan[layer.name].weight_bits
+        if bits >= 8 or isinstance(layer.weight_quantizer, compat.AsymmetricQuantizer):
+            continue
+        new = compat.asymmetric_weight_quantizer(
+            layer.weight_quantizer, tensors[layer.weight_name], bits, MIN_WEIGHT_SCALE
+        )
+        compat.replace_hook(model, layer.weight_quantizer_key, new)
+        replaced += 1
+    return replaced
+
+
 def apply_plan(model: torch.nn.Module, layers: list[QuantizedLayer], plan: PrecisionPlan, overflow_fix: str) -> None:
     """Set every layer's quantizer bits from ``plan`` (in place)."""
     for layer in layers:
@@ -182,8 +213,11 @@ def apply_plan(model: torch.nn.Module, layers: list[QuantizedLayer], plan: Preci
         wq = layer.weight_quantizer
         compat.set_quantizer_bits(wq, p.weight_bits, narrow_range=not low, half_range=half and not low)
         with torch.no_grad():
-            scale = layer.weight_quantizer.scale
-            scale.copy_(scale.abs().clamp_min(MIN_WEIGHT_SCALE))
+            if isinstance(wq, compat.AsymmetricQuantizer):
+                compat.store_quantizer_range(wq, wq.input_range.abs().clamp_min(MIN_WEIGHT_SCALE))
+                compat.put_zero_on_grid(wq)
+            else:
+                wq.scale.copy_(wq.scale.abs().clamp_min(MIN_WEIGHT_SCALE))
         if layer.input_quantizer is not None:
             iq = layer.input_quantizer
             compat.set_quantizer_bits(iq, p.activation_bits, narrow_range=iq.narrow_range, half_range=False)
@@ -247,6 +281,9 @@ class PrecisionSetup(compat.Algorithm):
                 layers = find_quantized_layers(torch_model, graph)
                 compat.graph_changed(model)
         plan = effective_plan(layers, plan)
+        if self.config.low_bit_weights == "asymmetric" and use_asymmetric_low_bit_weights(torch_model, layers, plan):
+            layers = find_quantized_layers(torch_model, graph)
+            compat.graph_changed(model)
         apply_plan(torch_model, layers, plan, self.config.overflow_fix)
         setattr(torch_model, PLAN_ATTRIBUTE, plan)
         self.applied_plan = plan

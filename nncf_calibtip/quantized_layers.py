@@ -29,6 +29,7 @@ class QuantizedLayer:
     :param weight_name: Name of the weight parameter in the model.
     :param bias_name: Name of the bias parameter, or None when the operation has no bias.
     :param weight_quantizer: NNCF quantizer applied to the weight.
+    :param weight_quantizer_key: Hook name of ``weight_quantizer``.
     :param input_quantizer: NNCF quantizer of the activation that feeds the layer, or None.
     :param input_quantizer_key: Hook name of ``input_quantizer`` (shared quantizers share it).
     :param batch_norm: A BatchNorm node that is the layer output's only consumer, or None.
@@ -44,6 +45,7 @@ class QuantizedLayer:
     weight_name: str
     bias_name: str | None
     weight_quantizer: compat.BaseQuantizer
+    weight_quantizer_key: str
     input_quantizer: compat.BaseQuantizer | None
     input_quantizer_key: str | None
     batch_norm: compat.NNCFNode | None
@@ -194,6 +196,7 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
                 weight_name=consts[1],
                 bias_name=consts.get(2),
                 weight_quantizer=wq[1],
+                weight_quantizer_key=wq[0],
                 input_quantizer=iq[1] if iq else None,
                 input_quantizer_key=iq[0] if iq else None,
                 batch_norm=bn,

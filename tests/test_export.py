@@ -39,18 +39,27 @@ def test_ir_keeps_the_plan(quantized, test_data, tmp_path):
 
 
 def test_4bit_weights_are_stored_compressed(tiny_model, calib_dataset, test_data, tmp_path):
-    w8 = nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(8, 8, keep_first_last_8bit=False))
-    w4 = nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(4, 8, keep_first_last_8bit=False))
-    r8 = nc.export_openvino(w8, test_data[:1], tmp_path / "w8.xml")
-    r4 = nc.export_openvino(w4, test_data[:1], tmp_path / "w4.xml")
-    types = {
-        op.get_element_type().get_type_name()
-        for op in ov.Core().read_model(r4.xml).get_ops()
-        if op.get_type_name() == "Constant"
-    }
-    assert "i4" in types
-    n_weights = sum(p.numel() for n, p in tiny_model.named_parameters() if n.endswith("weight") and p.dim() > 1)
-    assert r8.weight_bytes - r4.weight_bytes >= 0.45 * n_weights
+    sizes = {}
+    for name, cfg in {
+        "w8": PrecisionConfig(8, 8, keep_first_last_8bit=False),
+        "w4": PrecisionConfig(4, 8, keep_first_last_8bit=False, low_bit_weights="symmetric"),
+        "w4_asym": PrecisionConfig(4, 8, keep_first_last_8bit=False),
+    }.items():
+        res = nc.export_openvino(
+            nc.quantize(tiny_model, calib_dataset, precision=cfg), test_data[:1], tmp_path / f"{name}.xml"
+        )
+        types = {
+            op.get_element_type().get_type_name()
+            for op in ov.Core().read_model(res.xml).get_ops()
+            if op.get_type_name() == "Constant"
+        }
+        assert ("i4" in types) == (name != "w8"), name
+        sizes[name] = res.weight_bytes
+    weights = [p for n, p in tiny_model.named_parameters() if n.endswith("weight") and p.dim() > 1]
+    assert sizes["w8"] - sizes["w4"] >= 0.45 * sum(p.numel() for p in weights)
+    # An asymmetric grid adds one zero point per output channel (stored as fp32 by OpenVINO).
+    channels = sum(p.shape[0] for p in weights)
+    assert 0 < sizes["w4_asym"] - sizes["w4"] <= 4 * channels
 
 
 def test_openvino_output_matches_torch(quantized, test_data, tmp_path):
@@ -67,19 +76,22 @@ def test_openvino_output_matches_torch(quantized, test_data, tmp_path):
 
 
 def test_ir_stores_the_integers_torch_uses(quantized, test_data, tmp_path):
-    """Export puts weights on their grid, so OpenVINO's int4/int8 constants are torch's integers."""
+    """Export puts weights on their grid, so OpenVINO's int4/int8 constants are torch's integers
+    (an asymmetric grid's 0..15 stored as int4 -8..7 with the zero point beside them)."""
     res = nc.export_openvino(quantized, test_data[:1], tmp_path / "m.xml", input_shape=[(-1, 3, 16, 16)])
     graph = compat.GraphModelWrapper(quantized, test_data[:1]).build_graph()
     tensors = dict(quantized.named_parameters())
     ir = ir_integer_weights(res.xml)
     layers = find_quantized_layers(quantized, graph)
     assert len(ir) == len(layers) == 5
+    assert {type(layer.weight_quantizer) for layer in layers} == {compat.SymmetricQuantizer, compat.AsymmetricQuantizer}
     with torch.no_grad():
         for layer, ints in zip(layers, ir, strict=True):
             wq = layer.weight_quantizer
-            grid = wq(tensors[layer.weight_name]) / (wq.scale.abs() / wq.level_high)
-            torch_ints = grid.round().to(torch.int64).numpy()
-            np.testing.assert_array_equal(ints.reshape(torch_ints.shape), torch_ints, err_msg=layer.name)
+            origin, step = compat.quantizer_grid(wq)
+            torch_ints = ((wq(tensors[layer.weight_name]) - origin) / step).round().to(torch.int64).numpy()
+            offset = -8 if isinstance(wq, compat.AsymmetricQuantizer) else 0
+            np.testing.assert_array_equal(ints.reshape(torch_ints.shape), torch_ints + offset, err_msg=layer.name)
 
 
 def test_bad_path_is_an_error_and_writes_nothing(quantized, test_data, tmp_path):

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import nncf_calibtip as nc
+from nncf_calibtip import compat
 from nncf_calibtip.placement import MIN_WEIGHT_SCALE, PrecisionConfig
 from nncf_calibtip.plan import LayerPrecision
 from nncf_calibtip.quantized_layers import find_quantized_layers
@@ -10,8 +11,6 @@ from tests.conftest import TinyNet
 
 
 def _layers(q):
-    from nncf_calibtip import compat
-
     graph = compat.GraphModelWrapper(q, torch.zeros(1, 3, 16, 16)).build_graph()
     return {layer.name.split("/")[0]: layer for layer in find_quantized_layers(q, graph)}
 
@@ -23,7 +22,8 @@ def test_plan_bits_reach_the_quantizers_first_last_kept_8bit(tiny_model, calib_d
     assert layers["fc"].weight_quantizer.num_bits == 8 and layers["fc"].input_quantizer.num_bits == 8
     for name in ("dw", "pw", "grouped"):
         assert layers[name].weight_quantizer.num_bits == 4
-        assert (layers[name].weight_quantizer.level_low, layers[name].weight_quantizer.level_high) == (-8, 7)
+        wq = layers[name].weight_quantizer
+        assert isinstance(wq, compat.AsymmetricQuantizer) and (wq.level_low, wq.level_high) == (0, 15)
         assert layers[name].input_quantizer.num_bits == 4
     plan = nc.get_plan(q)
     assert plan["dw/conv2d/0"] == LayerPrecision(4, 4) and plan["stem/conv2d/0"] == LayerPrecision(8, 8)
@@ -49,13 +49,47 @@ def test_overflow_fix_uses_7bit_range_for_8bit_weights_only(tiny_model, calib_da
     assert not layers["stem"].weight_quantizer.is_half_range
 
 
-def test_dead_channels_get_a_positive_scale(calib_dataset):
+@pytest.mark.parametrize("scheme", ["symmetric", "asymmetric"])
+def test_dead_channels_get_a_positive_scale(calib_dataset, test_data, scheme):
     model = TinyNet(zero_channel=True).eval()
-    layers = _layers(nc.quantize(model, calib_dataset, precision=PrecisionConfig(4, 4)))
-    assert layers["dw"].weight_quantizer.scale.min() >= MIN_WEIGHT_SCALE
+    q = nc.quantize(model, calib_dataset, precision=PrecisionConfig(4, 4, low_bit_weights=scheme))
+    wq = _layers(q)["dw"].weight_quantizer
+    assert (wq.input_range if scheme == "asymmetric" else wq.scale).abs().min() >= MIN_WEIGHT_SCALE
+    with torch.no_grad():
+        assert torch.isfinite(q(test_data)).all()
 
 
-@pytest.mark.parametrize("kwargs", [{"weight_bits": 3}, {"activation_bits": 2}, {"overflow_fix": "always"}])
+def _weight_error(model, q) -> float:
+    """Squared error of the quantized weights of ``q``'s layers below 8 bits against ``model``'s."""
+    fp = dict(model.named_parameters())
+    params = dict(q.named_parameters())
+    total = 0.0
+    with torch.no_grad():
+        for layer in _layers(q).values():
+            if layer.weight_quantizer.num_bits < 8:
+                total += float((layer.weight_quantizer(params[layer.weight_name]) - fp[layer.weight_name]).pow(2).sum())
+    return total
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_asymmetric_low_bit_weights_fit_the_weights_closer(tiny_model, calib_dataset, bits):
+    sym = nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(bits, 8, low_bit_weights="symmetric"))
+    asym = nc.quantize(tiny_model, calib_dataset, precision=PrecisionConfig(bits, 8))
+    sym_layers, asym_layers = _layers(sym), _layers(asym)
+    for name in ("dw", "pw", "grouped"):
+        assert isinstance(sym_layers[name].weight_quantizer, compat.SymmetricQuantizer)
+        assert isinstance(asym_layers[name].weight_quantizer, compat.AsymmetricQuantizer)
+        assert asym_layers[name].weight_quantizer.levels == 2**bits
+    for name in ("stem", "fc"):  # 8-bit weights stay symmetric (NNCF's overflow fix needs it)
+        assert isinstance(asym_layers[name].weight_quantizer, compat.SymmetricQuantizer)
+    # The asymmetric grid's step is (max - min) / (2^b - 1) <= 2 * absmax / (2^b - 1), below the
+    # symmetric grid's absmax / (2^(b-1) - 1): smaller rounding error, no clipping in either.
+    assert _weight_error(tiny_model, asym) < 0.7 * _weight_error(tiny_model, sym)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"weight_bits": 3}, {"activation_bits": 2}, {"overflow_fix": "always"}, {"low_bit_weights": "signed"}]
+)
 def test_precision_config_validation(kwargs):
     with pytest.raises(ValueError):
         PrecisionConfig(**kwargs)

@@ -95,11 +95,23 @@ class LayerProblem:
         )
         wq = layer.weight_quantizer
         device = self.fp.weight.device
-        self.weight_scale0 = wq.scale.detach().abs().clamp_min(MIN_WEIGHT_SCALE).clone()
-        # Initial quantization step per output channel: the unit of the weight change.
-        self.weight_step0 = self.weight_scale0 / max(abs(wq.level_high), 1)
+        # Weight grid: [-scale, scale] (symmetric) or [low, low + range] (asymmetric), per
+        # output channel. Both ends scale by (1 + delta_scale); an asymmetric grid's low end
+        # also shifts by delta_low ranges (its zero point moves).
+        self.weight_asymmetric = isinstance(wq, compat.AsymmetricQuantizer)
+        if self.weight_asymmetric:
+            self.weight_low0 = wq.input_low.detach().clone()
+            self.weight_scale0 = wq.input_range.detach().abs().clamp_min(MIN_WEIGHT_SCALE).clone()
+            self.weight_step0 = self.weight_scale0 / (wq.levels - 1)
+        else:
+            self.weight_scale0 = wq.scale.detach().abs().clamp_min(MIN_WEIGHT_SCALE).clone()
+            self.weight_step0 = self.weight_scale0 / max(abs(wq.level_high), 1)
+        # The initial quantization step per output channel is the unit of the weight change.
         self.delta_w = torch.zeros_like(self.fp.weight, requires_grad=config.lr_weight > 0)
         self.delta_scale = torch.zeros_like(self.weight_scale0, requires_grad=config.optimize_weight_scale)
+        self.delta_low = torch.zeros_like(
+            self.weight_scale0, requires_grad=config.optimize_weight_scale and self.weight_asymmetric
+        )
         # The bias change lives in the layer bias, or in the following BatchNorm's shift.
         self.bias_target: str | None = None
         if config.optimize_bias:
@@ -130,7 +142,7 @@ class LayerProblem:
         self.to(device)
 
     def to(self, device: torch.device) -> None:
-        for name in ("weight_scale0", "weight_step0", "low0", "range0"):
+        for name in ("weight_scale0", "weight_step0", "weight_low0", "low0", "range0"):
             if hasattr(self, name):
                 setattr(self, name, getattr(self, name).to(device))
         if self._bn_fold is not None:
@@ -145,6 +157,8 @@ class LayerProblem:
             groups.append({"params": [self.delta_w], "lr": c.lr_weight})
         if self.delta_scale.requires_grad:
             groups.append({"params": [self.delta_scale], "lr": c.lr_weight_scale})
+        if self.delta_low.requires_grad:
+            groups.append({"params": [self.delta_low], "lr": c.lr_weight_scale})
         if self.delta_b is not None:
             groups.append({"params": [self.delta_b], "lr": c.lr_bias})
         if self.train_input_range:
@@ -158,12 +172,22 @@ class LayerProblem:
             v = v.clamp(-m, m)
         return v * self.weight_step0
 
+    def weight_grid(self) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The weight grid with the current changes: ``(low, range)`` (asymmetric, zero on the
+        grid) or ``(None, scale)`` (symmetric)."""
+        scale = self.weight_scale0 * (1 + self.delta_scale)
+        if not self.weight_asymmetric:
+            return None, scale
+        low = self.weight_low0 * (1 + self.delta_scale) + self.weight_scale0 * self.delta_low
+        return compat.zero_on_grid(low, scale, self.layer.weight_quantizer.levels)
+
     def quantized_weight(self) -> torch.Tensor:
         wq = self.layer.weight_quantizer
-        scale = self.weight_scale0 * (1 + self.delta_scale)
-        return compat.symmetric_quantize(
-            self.fp.weight + self._weight_change(), wq.levels, wq.level_low, wq.level_high, scale, wq.eps
-        )
+        w = self.fp.weight + self._weight_change()
+        low, scale = self.weight_grid()
+        if low is not None:
+            return compat.asymmetric_quantize(w, wq.levels, wq.level_low, wq.level_high, low, scale, wq.eps)
+        return compat.symmetric_quantize(w, wq.levels, wq.level_low, wq.level_high, scale, wq.eps)
 
     def _bias_change(self) -> torch.Tensor | None:
         return None if self.delta_b is None else self.delta_b * self.output_rms
@@ -262,6 +286,7 @@ class LayerProblem:
             for t in (
                 self.delta_w,
                 self.delta_scale,
+                self.delta_low,
                 self.delta_b,
                 getattr(self, "low_shift", None),
                 getattr(self, "range_scale", None),
@@ -274,7 +299,13 @@ class LayerProblem:
         """Store the changes in the model's weight, bias/BatchNorm shift and quantizers."""
         self.fp.weight.add_(self._weight_change())
         wq = self.layer.weight_quantizer
-        wq.scale.copy_((self.weight_scale0 * (1 + self.delta_scale)).abs().clamp_min(MIN_WEIGHT_SCALE))
+        low, scale = self.weight_grid()
+        if low is not None:
+            wq.input_low.copy_(low)
+            compat.store_quantizer_range(wq, scale.abs().clamp_min(MIN_WEIGHT_SCALE))
+            compat.put_zero_on_grid(wq)  # as the forward above saw it
+        else:
+            wq.scale.copy_(scale.abs().clamp_min(MIN_WEIGHT_SCALE))
         db = self._bias_change()
         if db is not None:
             (self.fp.bias if self.bias_target == "bias" else self.fp.bn[2]).add_(db)

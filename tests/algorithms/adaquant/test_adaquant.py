@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import nncf
 import pytest
@@ -17,10 +18,15 @@ def _mse_to_fp(fp, q, x):
         return (q(x) - fp(x)).pow(2).mean().item()
 
 
-@pytest.mark.parametrize(("mode", "input_drop"), [("parallel", 0.5), ("sequential", 0.5), ("sequential", 0.0)])
-def test_every_layer_reconstructs_better_than_round_to_nearest(tiny_model, calib_dataset, mode, input_drop):
+@pytest.mark.parametrize(
+    ("mode", "input_drop", "weights"),
+    [("parallel", 0.5, "asymmetric"), ("sequential", 0.5, "asymmetric"), ("sequential", 0.0, "asymmetric")]
+    + [("parallel", 0.0, "symmetric"), ("sequential", 0.0, "symmetric")],
+)
+def test_every_layer_reconstructs_better_than_round_to_nearest(tiny_model, calib_dataset, mode, input_drop, weights):
     cfg = nc.AdaQuantConfig(mode=mode, iters=150, holdout_fraction=0.25, input_drop=input_drop)
-    q = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    precision = dataclasses.replace(W4A4, low_bit_weights=weights)
+    q = nc.quantize(tiny_model, calib_dataset, cfg, precision=precision)
     reports = nc.get_result(q).reports["adaquant"]
     assert len(reports) == 5
     for r in reports:
@@ -35,10 +41,15 @@ def test_adaquant_model_is_closer_to_fp_than_round_to_nearest(tiny_model, calib_
 
 
 def test_sequential_ends_closer_to_fp_than_parallel(tiny_model, calib_dataset, test_data):
-    errors = {}
-    for mode in ("parallel", "sequential"):
-        q = nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(mode=mode, iters=150), precision=W4A4)
-        errors[mode] = _mse_to_fp(tiny_model, q, test_data)
+    # On a model this small either mode can win for one seed (the error left after asymmetric
+    # 4-bit weights is mostly noise that no layer can undo); on average sequential wins.
+    errors = {"parallel": 0.0, "sequential": 0.0}
+    for mode in errors:
+        for seed in range(3):
+            cfg = nc.AdaQuantConfig(mode=mode, iters=150, seed=seed)
+            errors[mode] += _mse_to_fp(
+                tiny_model, nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4), test_data
+            )
     assert errors["sequential"] < errors["parallel"]
 
 

@@ -34,11 +34,19 @@ def test_search_off_starts_from_min_max(tiny_model, calib_dataset, test_data):
         torch.testing.assert_close(q(test_data), rtn(test_data), rtol=0, atol=0)
 
 
+def _ranges(model) -> dict[str, torch.Tensor]:
+    """Symmetric quantizers' scales and the asymmetric weight quantizers' (port 1) ranges."""
+    return {
+        k: v
+        for k, v in model.state_dict().items()
+        if k.endswith(".scale") or ("__1." in k and k.endswith(".input_range"))
+    }
+
+
 def test_searched_weight_scales_are_grid_points(tiny_model, calib_dataset):
     rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
     q = nc.quantize(tiny_model, calib_dataset, nc.AdaQuantConfig(**SEARCH_ONLY), precision=W4A4)
-    rtn_scales = {k: v for k, v in rtn.state_dict().items() if k.endswith(".scale")}
-    q_scales = {k: v for k, v in q.state_dict().items() if k.endswith(".scale")}
+    rtn_scales, q_scales = _ranges(rtn), _ranges(q)
     assert rtn_scales.keys() == q_scales.keys() and rtn_scales
     grid = torch.tensor(WEIGHT_SCALE_GRID + RANGE_END_GRID, dtype=torch.float64)
     moved = 0

