@@ -8,6 +8,7 @@ were written against (:data:`TESTED_NNCF_MINOR`).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -219,10 +220,13 @@ def asymmetric_weight_quantizer(
         is_quantized_on_export=quantizer._is_quantized_on_export,
     )
     new = AsymmetricQuantizer(spec).to(weight.device)
-    if len(shape) != weight.dim() or any(n not in (1, weight.shape[d]) for d, n in enumerate(shape)):
+    if len(shape) == weight.dim() and all(n in (1, weight.shape[d]) for d, n in enumerate(shape)):
+        dims = [d for d, n in enumerate(shape) if n == 1]
+    elif math.prod(shape) == 1:  # per-tensor
+        dims = list(range(weight.dim()))
+    else:
         msg = f"Weight quantizer scale shape {shape} does not fit weight shape {tuple(weight.shape)}."
         raise ValueError(msg)
-    dims = [d for d, n in enumerate(shape) if n == 1]
     w = weight.detach().float()
     low = w.amin(dim=dims, keepdim=True).clamp(max=0)
     high = w.amax(dim=dims, keepdim=True).clamp(min=0)
@@ -308,10 +312,12 @@ __all__ = [
     "NNCFNode",
     "OUTPUT_METATYPE",
     "OverflowFix",
+    "PTQuantizerSpec",
     "PT2OpLayerAttributes",
     "Pipeline",
     "QUANTIZATION_AGNOSTIC_METATYPES",
     "QuantizationPreset",
+    "QuantizationScheme",
     "RangeEstimatorParametersSet",
     "StatisticPointsContainer",
     "SymmetricQuantizer",

@@ -2,7 +2,9 @@
 
 ``ov.convert_model`` turns NNCF's quantizers into FakeQuantize operations with the quantizer's
 levels; ``ov.save_model`` folds the weight FakeQuantizes into int8/int4 constants, so 4-bit
-weights are stored 4-bit in the ``.bin``. The plan (JSON) is written beside the IR.
+weights are stored 4-bit in the ``.bin``. An asymmetric weight grid's per-channel zero point,
+which OpenVINO writes as fp32, is then stored in the weights' own integer type. The plan
+(JSON) is written beside the IR.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import openvino as ov
+import openvino.opset13 as ops
 import torch
 from torch import nn
 
@@ -96,10 +100,54 @@ def read_ir_layers(model: ov.Model) -> list[IRLayer]:
     return out
 
 
+#: Integer range of each weight constant type a zero point can be stored in.
+_INT_RANGE = {"i4": (-8, 7), "u4": (0, 15), "i8": (-128, 127), "u8": (0, 255)}
+
+
+def compact_zero_points(model: ov.Model) -> int:
+    """Store the fp32 zero points OpenVINO puts beside int4/int8 weight constants
+    (``Convert(int weights) - zero point``) in the weights' integer type; returns how many.
+
+    They are integers in that type's range up to float error (zero lies on the weight grid),
+    so rounding them only removes that error; a zero point that is not within 1e-3 of an
+    integer in range is left as it is.
+    """
+    changed = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Subtract":
+            continue
+        convert = op.input_value(0).get_node()
+        zp = op.input_value(1).get_node()
+        if convert.get_type_name() != "Convert" or zp.get_type_name() != "Constant":
+            continue
+        weights = convert.input_value(0).get_node()
+        kind = weights.get_element_type().get_type_name() if weights.get_type_name() == "Constant" else None
+        if kind not in _INT_RANGE or zp.get_element_type() != ov.Type.f32:
+            continue
+        values = np.asarray(zp.get_data(), dtype=np.float64)
+        ints = np.round(values)
+        low, high = _INT_RANGE[kind]
+        if np.abs(values - ints).max(initial=0) > 1e-3 or ints.min(initial=low) < low or ints.max(initial=high) > high:
+            continue
+        compact = ov.op.Constant(
+            weights.get_element_type(), zp.get_output_shape(0), ints.astype(np.int64).ravel().tolist()
+        )
+        op.input(1).replace_source_output(ops.convert(compact, ov.Type.f32).output(0))
+        changed += 1
+    return changed
+
+
 def _atomic_save(ov_model: ov.Model, xml: Path, compress_to_fp16: bool) -> None:
     """Write ``xml`` and its ``.bin`` through a temporary folder so no partial IR is left."""
     xml.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=xml.parent, prefix=".export-") as tmp:
+        # save_model folds the weight FakeQuantizes into integer constants; the zero points it
+        # leaves in fp32 are compacted on the folded model, which is then written again.
+        folded = Path(tmp) / "folded" / "model.xml"
+        ov.save_model(ov_model, folded, compress_to_fp16=compress_to_fp16)
+        ov_model = ov.Core().read_model(folded)
+        if compact_zero_points(ov_model):
+            ov_model.validate_nodes_and_infer_types()
         tmp_xml = Path(tmp) / xml.name
         ov.save_model(ov_model, tmp_xml, compress_to_fp16=compress_to_fp16)
         os.replace(tmp_xml.with_suffix(".bin"), xml.with_suffix(".bin"))

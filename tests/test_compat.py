@@ -52,3 +52,34 @@ def test_zero_on_grid_moves_only_the_end_near_zero():
     low, range_ = compat.zero_on_grid(torch.tensor([-0.01, -3.0, -0.7]), torch.tensor([3.01, 3.02, 3.0]), 16)
     torch.testing.assert_close(low, torch.tensor([0.0, -3.0, -0.7]))
     torch.testing.assert_close(low + range_, torch.tensor([3.0, 0.0, 2.3]))
+
+
+def _weight_quantizer(shape):
+    spec = compat.PTQuantizerSpec(8, compat.QuantizationScheme.SYMMETRIC, None, True, False, shape, False)
+    return compat.SymmetricQuantizer(spec)
+
+
+def test_asymmetric_weight_quantizer_spans_each_channel_and_keeps_zero():
+    w = torch.randn(4, 3, 3, 3)
+    w[1] = w[1].abs() + 0.5  # one-signed channel: its grid still holds zero
+    w[2] = 0.0  # dead channel
+    q = compat.asymmetric_weight_quantizer(_weight_quantizer((4, 1, 1, 1)), w, 4, 1e-8)
+    assert isinstance(q, compat.AsymmetricQuantizer) and q.levels == 16
+    low, high = q.input_low.detach().flatten(), (q.input_low + q.input_range).detach().flatten()
+    w_min, w_max = w.amin((1, 2, 3)), w.amax((1, 2, 3))
+    assert (low <= w_min.clamp(max=0) + 1e-7).all() and (high >= w_max.clamp(min=0) - 1e-7).all()
+    assert float(low[1]) == 0.0 and float(high[2]) >= torch.tensor(1e-8).item()
+    with torch.no_grad():
+        qw = q(w)
+        assert torch.isfinite(qw).all() and (qw[2] == 0).all()
+        assert (q(torch.zeros_like(w)) == 0).all()
+        _, step = compat.quantizer_grid(q)
+        assert ((qw - w).abs() <= step / 2 + 1e-6).all()  # min..max: nothing clipped
+
+
+def test_asymmetric_weight_quantizer_per_tensor_and_bad_shape():
+    w = torch.randn(8, 5)
+    q = compat.asymmetric_weight_quantizer(_weight_quantizer((1,)), w, 4, 1e-8)
+    assert q.input_low.shape == (1,) and float(q.input_low.detach()) <= float(w.min())
+    with pytest.raises(ValueError, match="does not fit"):
+        compat.asymmetric_weight_quantizer(_weight_quantizer((5, 1)), w, 4, 1e-8)

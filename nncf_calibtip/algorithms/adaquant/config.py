@@ -41,12 +41,14 @@ class AdaQuantConfig(ConfigMixin):
     :param batch_size: Samples per step, drawn at random from the cached layer inputs.
     :param lr_weight: Learning rate of the weight change, in quantization steps.
     :param lr_bias: Learning rate of the bias change, in units of the output RMS.
-    :param lr_weight_scale: Learning rate of the per-channel weight scales (relative).
+    :param lr_weight_scale: Learning rate of the per-channel weight scales (relative) and, for
+        asymmetric weights, of their low ends (in ranges).
     :param lr_activation_range: Learning rate of the input quantizer's low end and range (relative).
     :param max_weight_change: Bound on ``|V|`` in initial quantization steps; None for unbounded.
     :param optimize_bias: Train the layer bias (or the following BatchNorm's shift when the
         layer has none).
-    :param optimize_weight_scale: Train the per-channel weight scales.
+    :param optimize_weight_scale: Train the per-channel weight scales (and asymmetric weights'
+        low ends).
     :param optimize_activation_range: Train the input quantizer's range (a quantizer shared by
         several layers is trained by the first of them only).
     :param range_search: Before the gradient steps, set the input range and the per-channel
