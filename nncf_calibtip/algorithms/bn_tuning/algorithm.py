@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -64,9 +65,7 @@ class BNTuning(StreamingAlgorithm):
         backend = self._backend(model)
         layers = backend.find_layers(model, graph, cfg)
         if not layers:
-            what = "followed by a BatchNorm" if cfg.target == "batchnorm" else "(conv, or linear with include_linear)"
-            msg = f"BN tuning found no quantized layers {what}: run MinMax (and PrecisionSetup) first."
-            raise ValueError(msg)
+            raise ValueError(_no_layers_message(backend, model, graph, cfg))
         fit_modes = backend.fit_modes(model)
         treatments = {layer.name: cfg.treatment(fit_modes.get(layer.name)) for layer in layers}
         skipped = {name for name, treatment in treatments.items() if treatment == "skip"}
@@ -92,3 +91,22 @@ class BNTuning(StreamingAlgorithm):
                 f"{before:.4f} -> {after:.4f}"
             )
         return model
+
+
+def _no_layers_message(backend: BNTuningBackend, model: Any, graph: compat.NNCFGraph, cfg: BNTuningConfig) -> str:
+    """Why BN tuning has nothing to tune, and what to do about it."""
+    if cfg.target == "batchnorm":
+        return (
+            "BN tuning (target='batchnorm') found no quantized layer followed by a BatchNorm: use "
+            "target='fp_statistics' for a model without BatchNorm (or with it folded into the layers)."
+        )
+    if not cfg.include_linear and backend.find_layers(model, graph, dataclasses.replace(cfg, include_linear=True)):
+        return (
+            "BN tuning found only fully-connected quantized layers, which it tunes only with "
+            "include_linear=True: set BNTuningConfig(include_linear=True), or leave BN tuning out "
+            "(bias tuning is the tool for fully-connected layers)."
+        )
+    return (
+        "BN tuning found no quantized conv or fully-connected layer: quantize the model first "
+        "(nncf_calibtip.quantize runs MinMax and the precision setup before it)."
+    )

@@ -222,3 +222,17 @@ def test_bad_input_is_named(tiny_model, calib_dataset):
         nc.BNTuningConfig(rescale="sometimes")
     with pytest.raises(ValueError, match="Unknown BN tuning settings"):
         nc.BNTuningConfig.from_dict({"momentum": 0.1})
+
+
+def test_nothing_to_tune_says_why_and_what_to_set():
+    """A model of only fully-connected layers (an MLP) has nothing BN tuning tunes by default:
+    the error names ``include_linear``, and with it set the layers are tuned."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 5)).eval()
+    data = nncf.Dataset(list(torch.randn(128, 20).split(32)))
+    with pytest.raises(ValueError, match=r"only fully-connected .* include_linear=True"):
+        nc.quantize(mlp, data, nc.BNTuningConfig(), precision=W4A4)
+    tuned = nc.quantize(mlp, data, nc.BNTuningConfig(include_linear=True), precision=W4A4)
+    assert len(nc.get_result(tuned).reports["bn_tuning"]) == 3
+    with pytest.raises(ValueError, match="target='fp_statistics'"):
+        nc.quantize(mlp, data, nc.BNTuningConfig(target="batchnorm", include_linear=True), precision=W4A4)
