@@ -67,6 +67,8 @@ ARCHITECTURES = {
     "mobilenet_v2": (lambda: tvm.mobilenet_v2(num_classes=10), (3, 64, 64), "kl"),
     "squeezenet": (lambda: tvm.squeezenet1_1(num_classes=10), (3, 64, 64), "kl"),
     "mnasnet": (lambda: tvm.mnasnet0_5(num_classes=10), (3, 64, 64), "kl"),
+    "convnext_tiny": (lambda: tvm.convnext_tiny(num_classes=10), (3, 32, 32), "kl"),
+    "densenet121": (lambda: tvm.densenet121(num_classes=10), (3, 32, 32), "kl"),
 }
 #: Run in the default suite (a few seconds each); the rest are marked slow.
 QUICK = {"mobilenet_v3_small", "shufflenet_v2", "vit", "conv1d", "autoencoder"}
