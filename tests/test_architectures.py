@@ -84,9 +84,7 @@ def _with_batch_norm_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize(
-    "name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in ARCHITECTURES]
-)
+@pytest.mark.parametrize("name", [n if n in QUICK else pytest.param(n, marks=pytest.mark.slow) for n in ARCHITECTURES])
 def test_architecture_quantizes_exports_and_matches_torch(name, tmp_path):
     build, shape, loss = ARCHITECTURES[name]
     torch.manual_seed(0)
