@@ -9,4 +9,5 @@ bash scripts/setup_venv.sh test
 NNCF_EXTENSION_LOAD_TIMEOUT=1200 .venv/bin/python -c \
   "from nncf.torch.quantization.quantize_functions import QuantizedFunctionsCPU as F; F.get('Quantize_forward')"
 .venv/bin/ruff check nncf_calibtip tests samples benchmarks
+.venv/bin/ruff format --check nncf_calibtip tests samples benchmarks
 .venv/bin/python -m pytest -q "$@"
