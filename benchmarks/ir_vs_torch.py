@@ -25,6 +25,7 @@ from nncf_calibtip.evaluation import compile_ir, predict
 from nncf_calibtip.zoo import experiment
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dev_agreement import logits  # noqa: E402
 from run_benchmark import BITS, load_task  # noqa: E402
 
 
@@ -44,22 +45,19 @@ def main() -> None:
     extra = " torch f64: median diff / range | torch f64: top-1 differs |" if args.float64 else ""
     print(f"| bits | median diff / range | max diff / range | top-1 differs |{extra}")
     print("|---|---|---|---|" + "---|---|" * args.float64)
+    config = nc.AdaQuantConfig() if args.base == "adaquant_sequential" else None
     for bits in args.bits:
-        config = nc.AdaQuantConfig() if args.base == "adaquant_sequential" else None
         q = nc.quantize(task.model, calib, config, precision=nc.PrecisionConfig(*BITS[bits]))
         with tempfile.TemporaryDirectory() as d:
             res = nc.export_openvino(q, x[:1], Path(d) / "m.xml", input_shape=[(-1, *x.shape[1:])])
             ir = predict(compile_ir(res.xml), x.numpy())
-        with torch.no_grad():
-            ref = torch.cat([q(x[i : i + 250]) for i in range(0, len(x), 250)]).numpy()
+        ref = logits(q, x).numpy()
         scale = np.abs(ref).max()
         diff = np.abs(ir - ref)
         flips = int((ir.argmax(1) != ref.argmax(1)).sum())
         row = f"| {bits} | {np.median(diff) / scale:.1e} | {diff.max() / scale:.1e} | {flips} of {len(x)} |"
         if args.float64:
-            q64 = copy.deepcopy(q).double()
-            with torch.no_grad():
-                ref64 = torch.cat([q64(x[i : i + 250].double()) for i in range(0, len(x), 250)]).float().numpy()
+            ref64 = logits(copy.deepcopy(q).double(), x.double()).float().numpy()
             flips64 = int((ref64.argmax(1) != ref.argmax(1)).sum())
             row += f" {np.median(np.abs(ref64 - ref)) / scale:.1e} | {flips64} of {len(x)} |"
         print(row, flush=True)
