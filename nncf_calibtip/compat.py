@@ -20,7 +20,7 @@ os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
 import nncf  # noqa: E402
 import torch  # noqa: E402
 from nncf.common.factory import build_graph
-from nncf.common.graph.graph import NNCFGraph, NNCFNode
+from nncf.common.graph.graph import NNCFGraph, NNCFGraphEdge, NNCFNode
 from nncf.common.logging import nncf_logger
 from nncf.common.logging.track_progress import track
 from nncf.common.quantization.quantizer_propagation.structs import QuantizationTrait
@@ -86,6 +86,7 @@ CHANNEL_PRESERVING_METATYPES = (
     om.PTThresholdMetatype,
 )
 LINEAR_METATYPE = om.PTLinearMetatype
+ADD_METATYPE = om.PTAddMetatype
 CONST_METATYPE = om.PTConstNoopMetatype
 INPUT_METATYPE = om.PTInputNoopMetatype
 OUTPUT_METATYPE = om.PTOutputNoopMetatype
@@ -297,6 +298,7 @@ if not nncf_version_ok():  # pragma: no cover - depends on the environment
 
 __all__ = [
     "ACTIVATION_METATYPES",
+    "ADD_METATYPE",
     "Algorithm",
     "AsymmetricQuantizer",
     "BATCH_NORM_METATYPES",
@@ -309,6 +311,7 @@ __all__ = [
     "LINEAR_METATYPE",
     "MinMaxQuantization",
     "NNCFGraph",
+    "NNCFGraphEdge",
     "NNCFNode",
     "OUTPUT_METATYPE",
     "OverflowFix",

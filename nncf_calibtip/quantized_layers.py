@@ -5,7 +5,8 @@ conv/linear operation whose weight comes from a model parameter; its weight quan
 pre-hook on the weight port; its input quantizer is the activation quantizer that feeds its
 data port, possibly through operations a quantizer commutes with (padding, max-pooling,
 reshapes); the BatchNorm and the activation that follow it (when the graph shows them as its
-only consumers) belong to its reconstruction target.
+only consumers) belong to its reconstruction target, and so does a residual add that takes
+the output next (with the activation after the add).
 """
 
 from __future__ import annotations
@@ -18,6 +19,23 @@ import torch
 from torch import nn
 
 from nncf_calibtip import compat
+
+
+@dataclass(frozen=True)
+class ResidualAdd:
+    """A residual add that takes a layer's output (after its BatchNorm) as one operand.
+
+    :param add: The add node.
+    :param skip_port: The add's input port of the other operand (the skip branch).
+    :param source: The operation ``(name, output port)`` that computes the skip operand (past
+        NNCF's hooks); it runs before the layer.
+    :param activation: An element-wise activation that is the add's only consumer, or None.
+    """
+
+    add: compat.NNCFNode
+    skip_port: int
+    source: tuple[str, int]
+    activation: compat.NNCFNode | None
 
 
 @dataclass
@@ -36,6 +54,8 @@ class QuantizedLayer:
     :param batch_norm_params: Names of the BatchNorm's tensors by port (weight 1, bias 2,
         running mean 3, running variance 4).
     :param activation: An element-wise activation node after the layer (or its BatchNorm).
+    :param residual: The residual add the output goes into next (only when no activation
+        comes first), or None.
     :param is_first: No other quantized layer lies between the model input and this layer.
     :param is_last: No other quantized layer lies between this layer and a model output.
     """
@@ -51,6 +71,7 @@ class QuantizedLayer:
     batch_norm: compat.NNCFNode | None
     batch_norm_params: dict[int, str]
     activation: compat.NNCFNode | None
+    residual: ResidualAdd | None = None
     is_first: bool = False
     is_last: bool = False
 
@@ -73,7 +94,7 @@ class QuantizedLayer:
         return -1 if self.is_linear else 1
 
 
-def _hooks_at(storage: nn.Module, kind: str, op_name: str, port: int) -> list[tuple[str, nn.Module]]:
+def hooks_at(storage: nn.Module, kind: str, op_name: str, port: int) -> list[tuple[str, nn.Module]]:
     """Hooks registered on one port: ``[(hook name, module)]``."""
     key = f"{op_name.replace('.', ':')}__{port}"
     table = getattr(storage, kind)
@@ -83,7 +104,7 @@ def _hooks_at(storage: nn.Module, kind: str, op_name: str, port: int) -> list[tu
 
 
 def _quantizer_at(storage: nn.Module, kind: str, op_name: str, port: int) -> tuple[str, compat.BaseQuantizer] | None:
-    for name, hook in _hooks_at(storage, kind, op_name, port):
+    for name, hook in hooks_at(storage, kind, op_name, port):
         if isinstance(hook, compat.BaseQuantizer):
             return name, hook
     return None
@@ -107,6 +128,41 @@ def _single_consumer(graph: compat.NNCFGraph, node: compat.NNCFNode) -> compat.N
     if len(consumers) != 1 or edges[0].input_port_id != 0:
         return None
     return edges[0].to_node
+
+
+def _consumer_past_hooks(graph: compat.NNCFGraph, node: compat.NNCFNode) -> compat.NNCFGraphEdge | None:
+    """The edge into the only model operation that uses ``node``'s output (past NNCF's hooks)."""
+    while True:
+        edges = graph.get_output_edges(node)
+        if len({e.to_node.node_id for e in edges}) != 1:
+            return None
+        if not compat.is_hook_node(edges[0].to_node):
+            return edges[0]
+        node = edges[0].to_node
+
+
+def _residual_add(graph: compat.NNCFGraph, layer: compat.NNCFNode, tail: compat.NNCFNode) -> ResidualAdd | None:
+    """The residual add ``tail`` (the layer or its BatchNorm) feeds, when the add is a plain
+    ``a + b`` of equal shapes whose other operand is computed before the layer runs."""
+    edge = _consumer_past_hooks(graph, tail)
+    if edge is None or edge.to_node.metatype is not compat.ADD_METATYPE:
+        return None
+    add = edge.to_node
+    attrs = add.layer_attributes
+    if not isinstance(attrs, compat.PT2OpLayerAttributes) or attrs.op_kwargs or len(attrs.op_args) != 2:
+        return None  # alpha, out=, or a constant operand
+    inputs = {e.input_port_id: e for e in graph.get_input_edges(add)}
+    if set(inputs) != {0, 1}:
+        return None
+    skip_port = 1 - edge.input_port_id
+    if list(inputs[skip_port].tensor_shape) != list(edge.tensor_shape):
+        return None  # broadcasting
+    source = _producer(graph, add, skip_port)
+    if source is None or source[0].metatype is compat.CONST_METATYPE or source[0].node_id >= layer.node_id:
+        return None  # node ids follow execution order: the skip must be ready when the layer is fitted
+    after = _consumer_past_hooks(graph, add)
+    act = after.to_node if after is not None and after.to_node.metatype in compat.ACTIVATION_METATYPES else None
+    return ResidualAdd(add=add, skip_port=skip_port, source=(source[0].node_name, source[1]), activation=act)
 
 
 def const_inputs(graph: compat.NNCFGraph, node: compat.NNCFNode) -> dict[int, str]:
@@ -189,6 +245,7 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
         act = _single_consumer(graph, bn or node)
         if act is not None and act.metatype not in compat.ACTIVATION_METATYPES:
             act = None
+        residual = _residual_add(graph, node, bn or node) if act is None else None
         layers.append(
             QuantizedLayer(
                 name=node.node_name,
@@ -202,6 +259,7 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
                 batch_norm=bn,
                 batch_norm_params=const_inputs(graph, bn) if bn is not None else {},
                 activation=act,
+                residual=residual,
             )
         )
     shared = sorted(k for k, v in weight_users.items() if v > 1)

@@ -47,6 +47,37 @@ class TinyNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class ResNetBlocks(nn.Module):
+    """Two residual blocks, ResNet style: one with an identity shortcut, one whose 1x1
+    shortcut conv runs after the main branch (as in torchvision), each add followed by ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+        self.stem = conv_bn(3, 16, 3)
+        self.a1, self.a2 = conv_bn(16, 16, 3), conv_bn(16, 16, 3)
+        self.b1, self.b2 = conv_bn(16, 32, 3, 2), conv_bn(32, 32, 3)
+        self.shortcut = conv_bn(16, 32, 1, 2)
+        self.fc = nn.Linear(32, 10)
+        gen = torch.Generator().manual_seed(0)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 1.5, generator=gen)
+                m.weight.data.uniform_(0.5, 1.5, generator=gen)
+                m.bias.data.uniform_(-0.1, 0.3, generator=gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(self.a2(F.relu(self.a1(x))) + x)
+        y = self.b2(F.relu(self.b1(x)))
+        x = F.relu(y + self.shortcut(x))
+        return self.fc(x.mean((2, 3)))
+
+
 def make_images(n: int, seed: int) -> torch.Tensor:
     """Smooth random 3x16x16 images (low-frequency noise, like natural images after resizing)."""
     g = torch.Generator().manual_seed(seed)

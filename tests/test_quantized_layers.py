@@ -6,6 +6,7 @@ import torch
 from nncf_calibtip import compat
 from nncf_calibtip.placement import PrecisionConfig, min_max_algorithm
 from nncf_calibtip.quantized_layers import call_op, find_quantized_layers
+from tests.conftest import ResNetBlocks
 
 
 def _placed(model, dataset):
@@ -46,3 +47,22 @@ def test_unquantized_layers_are_skipped(tiny_model, calib_dataset):
     q = compat.Pipeline([[algo]]).run(wrapped, calib_dataset)
     names = [layer.name for layer in find_quantized_layers(q.model, compat.build_graph(q))]
     assert "dw/conv2d/0" not in names and "pw/conv2d/0" in names
+
+
+def test_residual_adds_whose_skip_is_ready_before_the_layer(tiny_model, calib_dataset):
+    torch.manual_seed(0)
+    model, graph = _placed(ResNetBlocks().eval(), calib_dataset)
+    layers = {layer.name.split("/")[0]: layer for layer in find_quantized_layers(model, graph)}
+    residual = {name: layer.residual for name, layer in layers.items() if layer.residual is not None}
+    # Identity block: the skip (the block input) is ready; a ReLU follows the add.
+    # Projection block: its shortcut conv runs after the main branch, so the main branch's
+    # last conv has no skip yet, and the shortcut conv is fitted through the add instead.
+    assert sorted(residual) == ["a2", "shortcut"]
+    assert residual["a2"].activation.node_type == "relu"
+    assert residual["a2"].source[0] == "/relu/0"  # the stem's ReLU: the block input
+    assert residual["shortcut"].source[0] == "b2/1/batch_norm/0"
+    assert residual["a2"].add.node_name != residual["shortcut"].add.node_name
+    # An inverted-residual block: no activation after the add.
+    model, graph = _placed(tiny_model, calib_dataset)
+    pw = next(layer for layer in find_quantized_layers(model, graph) if layer.name.startswith("pw"))
+    assert pw.residual is not None and pw.residual.activation is None

@@ -39,13 +39,14 @@ class _CaptureHook(nn.Module):
 
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, op_names: Sequence[str], items: Sequence[Any], device: torch.device
+    model: nn.Module, op_names: Sequence[str], items: Sequence[Any], device: torch.device, port: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Inputs at port 0 of several operations in one pass per item (stopping after the last)."""
+    """Inputs at ``port`` of several operations in one pass per item (stopping after the last),
+    as the operations get them (after the quantizers on that port)."""
     group: list[_CaptureHook] = []
     hooks = {name: _CaptureHook(group) for name in op_names}
     group.extend(hooks.values())
-    handles = [compat.register_pre_function_hook(model, name, 0, hook) for name, hook in hooks.items()]
+    handles = [compat.register_pre_function_hook(model, name, port, hook) for name, hook in hooks.items()]
     chunks: dict[str, list[torch.Tensor]] = {name: [] for name in op_names}
     try:
         for item in iterate_on(items, device):

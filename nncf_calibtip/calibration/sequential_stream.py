@@ -31,6 +31,7 @@ from nncf_calibtip.calibration.data import call_model, iterate_on
 from nncf_calibtip.quantized_layers import (
     QuantizedLayer,
     hook_node_ids,
+    hooks_at,
     input_quantizer_owners,
     is_quantization_agnostic,
 )
@@ -117,6 +118,7 @@ class _Batch(threading.Thread):
         self.value: torch.Tensor | None = None  # that layer's input
         self.reply: torch.Tensor | None = None  # what the layer gets when the batch goes on
         self.deferred: dict[str, list[torch.Tensor]] = {}
+        self.skips: dict[str, torch.Tensor] = {}  # layer -> its residual add's skip operand
         self.released: set[str] = set()
         self.patches: dict[nn.Module, Any] | None = None
         self.error: BaseException | None = None
@@ -224,6 +226,22 @@ class _RecordDerived(nn.Module):
         return y
 
 
+class _RecordSkip(nn.Module):
+    """Post-hook (the first) on the operation that computes a residual add's skip operand:
+    keeps a copy for the layer whose loss is taken after that add (the add itself runs only
+    after the layer, while the batch is paused before it)."""
+
+    def __init__(self, layer_name: str) -> None:
+        super().__init__()
+        self.layer_name = layer_name
+
+    def forward(self, y: Any) -> Any:
+        batch = _current_batch()
+        if batch is not None and isinstance(y, torch.Tensor):
+            batch.skips[self.layer_name] = y.detach().clone()  # later in-place ops must not change it
+        return y
+
+
 class SequentialInputStream:
     """Inputs of the layers, in execution order, from the quantized model as fitted so far.
 
@@ -235,6 +253,8 @@ class SequentialInputStream:
     :param quantized: Whether ``model`` quantizes. For the FP reference (every quantizer
         off) pass ``False``: the batches then go on with each layer's input as it is, which
         gives the FP inputs of every layer in one pass instead of a pass per window of them.
+    :param skips: Layers (with a ``residual``) whose residual add's skip operand
+        :meth:`skip_operands` gives.
     """
 
     def __init__(
@@ -246,6 +266,7 @@ class SequentialInputStream:
         plan: dict[str, list[tuple[str, int]]],
         *,
         quantized: bool = True,
+        skips: Sequence[QuantizedLayer] = (),
     ) -> None:
         if plan and not quantized:
             msg = "An FP stream defers no quantizer: pass an empty plan with quantized=False."
@@ -268,6 +289,12 @@ class SequentialInputStream:
                 )
                 for op_name, port in outputs:
                     self._handles.append(compat.register_post_function_hook(model, op_name, port, _RecordDerived(key)))
+            for layer in skips:
+                assert layer.residual is not None
+                source, port = layer.residual.source
+                self._handles.append(
+                    compat.register_first_post_function_hook(model, source, port, _RecordSkip(layer.name))
+                )
         except BaseException:
             self.close()
             raise
@@ -299,6 +326,34 @@ class SequentialInputStream:
             assert batch.value is not None
             chunks.append(batch.value)
         self._next += 1
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def skip_operands(self, layer: QuantizedLayer) -> torch.Tensor:
+        """The other operand of ``layer``'s residual add for every calibration sample, as the
+        add will get it: the recorded value through the quantizers between its source and the
+        add (those of layers fitted by now with their fitted ranges). Call after :meth:`inputs`
+        of ``layer``; ``layer`` must be among the stream's ``skips``."""
+        residual = layer.residual
+        assert residual is not None
+        storage = compat.get_hook_storage(self._model)
+        source, port = residual.source
+        hooks = hooks_at(storage, "post_hooks", source, port)
+        hooks += hooks_at(storage, "pre_hooks", residual.add.node_name, residual.skip_port)
+        chain = []
+        for _, hook in hooks:
+            hook = hook.quantizer if isinstance(hook, _DeferredQuantizer) else hook
+            if self._quantized and isinstance(hook, compat.BaseQuantizer):
+                chain.append(hook)
+        chunks = []
+        for batch in self._batches:
+            if layer.name not in batch.skips:
+                msg = f"{residual.source[0]} did not run before {layer.name}; use sequential_inputs='recompute'."
+                raise RuntimeError(msg)
+            t = batch.skips.pop(layer.name)
+            for q in chain:
+                t = q(t)
+            chunks.append(t)
         return torch.cat(chunks)
 
     @torch.no_grad()

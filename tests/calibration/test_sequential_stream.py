@@ -15,6 +15,7 @@ from nncf_calibtip.calibration.fp_reference import fp_reference
 from nncf_calibtip.calibration.sequential_stream import SequentialInputStream, StreamNotExact, plan_stream
 from nncf_calibtip.placement import PrecisionConfig, min_max_algorithm
 from nncf_calibtip.quantized_layers import find_quantized_layers
+from tests.conftest import ResNetBlocks
 
 
 def _placed(model, dataset):
@@ -74,7 +75,9 @@ def test_per_channel_input_quantizer_behind_padding_is_streamed(calib_dataset):
     assert [("/pad/0", 0)] in plan_stream(graph, layers).values()
 
 
-@pytest.mark.parametrize("model_cls", [None, PaddedDepthwise], ids=["tiny", "padded_depthwise"])
+@pytest.mark.parametrize(
+    "model_cls", [None, PaddedDepthwise, ResNetBlocks], ids=["tiny", "padded_depthwise", "resnet_blocks"]
+)
 def test_streamed_inputs_give_the_recomputed_model(model_cls, tiny_model, calib_dataset, test_data):
     model = tiny_model if model_cls is None else model_cls().eval()
     streamed = _sequential(model, calib_dataset, "stream")

@@ -22,6 +22,8 @@ class LayerReport:
     :param error_after: Error after AdaQuant.
     :param kept: False when AdaQuant did not lower the held-out error and the layer was left
         at round-to-nearest.
+    :param loss_after: The residual add the error (and the loss) is taken after, or None:
+        after the layer's own BatchNorm and activation.
     :param capture_s: Seconds spent running the model to get the layer's inputs and targets.
     :param optimize_s: Seconds spent optimising the layer.
     """
@@ -32,6 +34,7 @@ class LayerReport:
     error_before: float
     error_after: float
     kept: bool
+    loss_after: str | None = None
     capture_s: float = 0.0
     optimize_s: float = 0.0
 

@@ -67,6 +67,15 @@ class AdaQuantConfig(ConfigMixin):
         50 of 200 steps raised the top-1 agreement with FP on unseen images for every seed
         tried, in 15-25% less time; in parallel mode it cost EfficientNet-Lite0 12 pt of it.
         A layer that does not train its input range takes the cheap steps from the start.
+    :param loss_after_residual_add: Sequential mode: for a layer whose output (after its
+        BatchNorm) goes straight into a residual add ``a + b``, take the loss after the add and
+        the activation that follows it, with the skip operand from the quantized model
+        (target: from the FP model). The layer then fits the block's output, correcting the
+        error the skip branch carries in, instead of its own branch alone. Only where the skip
+        operand is computed before the layer runs (identity shortcuts; a shortcut conv that
+        runs after the main branch is itself fitted through the add). It costs one tensor of
+        the layer's output size per sample. Chosen on held-out data of both sample models
+        (see the README).
     :param input_drop: Probability with which each input element skips the layer's input
         quantizer in a training step (QDrop, Wei et al. 2022): the weights then fit a range
         of activation noise instead of the calibration set's exact one. Off (0) by default:
@@ -102,6 +111,7 @@ class AdaQuantConfig(ConfigMixin):
     range_search: bool = True
     range_search_samples: int = 128
     activation_range_iters: int | Literal["auto"] | None = "auto"
+    loss_after_residual_add: bool = True
     input_drop: float = 0.0
     holdout_fraction: float = 0.1
     subset_size: int = 1024

@@ -204,10 +204,23 @@ class LayerProblem:
     def _activation(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.layer.activation is None else call_op(self.layer.activation, {0: y})
 
-    def fp_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The FP layer (with its BatchNorm and activation) on FP input: the target."""
+    def _residual_tail(self, y: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        """``y`` through the residual add (with ``skip``) and its activation; ``y`` without a skip."""
+        if skip is None:
+            return y
+        assert self.layer.residual is not None
+        y = y + skip
+        act = self.layer.residual.activation
+        return y if act is None else call_op(act, {0: y})
+
+    def fp_output(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """The FP layer (with its BatchNorm and activation) on FP input: the target.
+
+        :param skip: The FP model's other operand of the layer's residual add, to take the
+            target after the add (and its activation); None for the layer's own output.
+        """
         y = call_op(self.layer.node, {0: x, 1: self.fp.weight, 2: self.fp.bias})
-        return self._tail(y, None)
+        return self._residual_tail(self._tail(y, None), skip)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` through the layer's input quantizer with the current range (``x`` when it has none)."""
@@ -223,6 +236,7 @@ class LayerProblem:
         *,
         weight: torch.Tensor | None = None,
         input_quantized: bool = False,
+        skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The quantized layer on (unquantized) input ``x``, with the current changes.
 
@@ -231,6 +245,8 @@ class LayerProblem:
         :param weight: The quantized weight to use, when the caller has it already
             (:meth:`quantized_weight` with the current changes); saves re-quantizing it.
         :param input_quantized: ``x`` is already through :meth:`quantize_input`.
+        :param skip: The quantized model's other operand of the residual add, as in
+            :meth:`fp_output`.
         """
         if not input_quantized:
             xq = self.quantize_input(x)
@@ -253,8 +269,8 @@ class LayerProblem:
         else:
             y = call_op(self.layer.node, {0: x, 1: w, 2: bias})
         if fold:
-            return self._activation(y)
-        return self._tail(y, db if self.bias_target == "bn" else None)
+            return self._residual_tail(self._activation(y), skip)
+        return self._residual_tail(self._tail(y, db if self.bias_target == "bn" else None), skip)
 
     @torch.no_grad()
     def channel_errors(
@@ -265,14 +281,21 @@ class LayerProblem:
         *,
         weight: torch.Tensor | None = None,
         input_quantized: bool = False,
+        skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Squared error of :meth:`quantized_output` against ``y`` per output channel, summed
         over ``x`` in chunks of ``chunk`` samples (bounds temporary memory); float64 across
-        chunks. ``weight`` and ``input_quantized`` as in :meth:`quantized_output`."""
+        chunks. ``weight``, ``input_quantized`` and ``skip`` (all samples') as in
+        :meth:`quantized_output`."""
         dim = self.layer.output_channel_dim
         total = None
         for i in range(0, len(x), chunk):
-            out = self.quantized_output(x[i : i + chunk], weight=weight, input_quantized=input_quantized)
+            out = self.quantized_output(
+                x[i : i + chunk],
+                weight=weight,
+                input_quantized=input_quantized,
+                skip=None if skip is None else skip[i : i + chunk],
+            )
             d = out - y[i : i + chunk]
             dim_i = dim % d.dim()
             e = (d * d).sum(dim=[k for k in range(d.dim()) if k != dim_i]).double()

@@ -24,9 +24,12 @@ RANGE_END_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
 
 
 @torch.no_grad()
-def search_input_range(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> None:
+def search_input_range(
+    problem: LayerProblem, x: torch.Tensor, y: torch.Tensor, skip: torch.Tensor | None = None
+) -> None:
     """Shrink the upper, then the lower end of the layer's input range to the grid point with
-    the lowest error (only for a layer that trains its input quantizer)."""
+    the lowest error (only for a layer that trains its input quantizer). ``skip``: the residual
+    add's other operand when the target ``y`` is taken after the add."""
     if not problem.train_input_range:
         return
     low0, range0 = problem.low0, problem.range0
@@ -45,7 +48,7 @@ def search_input_range(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) 
         errors = []
         for low, high in candidates:
             set_ends(low, high)
-            errors.append(float(problem.channel_errors(x, y, weight=weight).sum()))
+            errors.append(float(problem.channel_errors(x, y, weight=weight, skip=skip).sum()))
         return candidates[min(range(len(errors)), key=errors.__getitem__)]
 
     low, high = best_of([(low0, high0 * f) if asymmetric else (low0, range0 * f) for f in RANGE_END_GRID])
@@ -55,10 +58,13 @@ def search_input_range(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) 
 
 
 @torch.no_grad()
-def search_weight_scales(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> None:
+def search_weight_scales(
+    problem: LayerProblem, x: torch.Tensor, y: torch.Tensor, skip: torch.Tensor | None = None
+) -> None:
     """Per output channel, the weight scale on the grid with the lowest error. Output channels
     are independent (BatchNorm and activations act per channel), so one forward pass per grid
-    point scores every channel at once."""
+    point scores every channel at once (a residual add and the activation after it act per
+    channel too)."""
     scale = problem.delta_scale
     if not scale.requires_grad:
         return
@@ -66,7 +72,7 @@ def search_weight_scales(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor
     errors = []
     for f in WEIGHT_SCALE_GRID:
         scale.fill_(f - 1)
-        errors.append(problem.channel_errors(xq, y, input_quantized=True))
+        errors.append(problem.channel_errors(xq, y, input_quantized=True, skip=skip))
     err = torch.stack(errors)  # [grid, channels]
     grid = torch.tensor(WEIGHT_SCALE_GRID, dtype=scale.dtype, device=scale.device)
     if scale.numel() == err.shape[1]:

@@ -16,7 +16,7 @@ from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerRepo
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
 from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem, cosine_lr
 from nncf_calibtip.algorithms.adaquant.range_search import search_input_range, search_weight_scales
-from nncf_calibtip.calibration.capture import capture_input, quantizers_disabled
+from nncf_calibtip.calibration.capture import capture_input, capture_inputs, quantizers_disabled
 from nncf_calibtip.calibration.fp_reference import fp_reference, remember_fp_state
 from nncf_calibtip.calibration.input_cache import FPInputCache, input_bytes_per_sample
 from nncf_calibtip.calibration.sequential_stream import SequentialInputStream, StreamNotExact, plan_stream
@@ -41,11 +41,26 @@ class _Session:
             return self.fp_inputs.inputs(layer)
         return self.fp_inputs.pop(layer.name)
 
+    def skip_operands(self, layer: QuantizedLayer, items: Sequence[Any], *, fp: bool) -> torch.Tensor:
+        """The other operand of ``layer``'s residual add in the FP or the quantized model."""
+        stream = self.fp_inputs if fp else self.stream
+        if isinstance(stream, SequentialInputStream):
+            return stream.skip_operands(layer)
+        assert layer.residual is not None
+        add = layer.residual.add.node_name
+        model = self.fp_model if fp else self.model
+        return capture_inputs(model, [add], items, self.device, port=layer.residual.skip_port)[add]
 
-def _relative_error(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor) -> float:
+
+def _through_residual_add(layer: QuantizedLayer, config: AdaQuantConfig) -> bool:
+    """Whether the layer's loss is taken after the residual add its output goes into."""
+    return layer.residual is not None and config.mode == "sequential" and config.loss_after_residual_add
+
+
+def _relative_error(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor, skip: torch.Tensor | None) -> float:
     """``||y_q - y||^2 / ||y||^2`` over a cached set."""
     ref = sum(float(y[i : i + _EVAL_CHUNK].double().pow(2).sum()) for i in range(0, len(y), _EVAL_CHUNK))
-    return float(problem.channel_errors(x, y, _EVAL_CHUNK).sum()) / max(ref, 1e-30)
+    return float(problem.channel_errors(x, y, _EVAL_CHUNK, skip=skip).sum()) / max(ref, 1e-30)
 
 
 class PTAdaQuantBackend(AdaQuantBackend):
@@ -73,16 +88,18 @@ class PTAdaQuantBackend(AdaQuantBackend):
         tensors = dict(torch_model.named_parameters())
         tensors.update(dict(torch_model.named_buffers()))
         stream = None
+        skips = [layer for layer in layers if _through_residual_add(layer, config)]
         if config.mode == "sequential" and config.sequential_inputs == "stream":
             try:
-                stream = SequentialInputStream(torch_model, layers, items, device, plan_stream(graph, layers))
+                plan = plan_stream(graph, layers)
+                stream = SequentialInputStream(torch_model, layers, items, device, plan, skips=skips)
             except StreamNotExact as e:
                 compat.nncf_logger.info(f"AdaQuant recomputes each layer's input ({e}, so inputs cannot be streamed)")
         fp_inputs: FPInputCache | SequentialInputStream
         if stream is not None:
             # The FP model's inputs come the same way, in one pass instead of one per window.
             try:
-                fp_inputs = SequentialInputStream(fp_model, layers, items, device, {}, quantized=False)
+                fp_inputs = SequentialInputStream(fp_model, layers, items, device, {}, quantized=False, skips=skips)
             except BaseException:
                 stream.close()
                 raise
@@ -120,7 +137,13 @@ class PTAdaQuantBackend(AdaQuantBackend):
             y0 = _layer_only_output(layer, session.tensors, x_fp[:_EVAL_CHUNK])
         problem = LayerProblem(layer, session.tensors, config, train_input_range, float(y0.pow(2).mean().sqrt()))
         del y0
-        targets = _in_chunks(problem.fp_output, x_fp)
+        # With a residual add next, the target is the add's output (the block's), and the
+        # quantized side gets the skip operand the quantized model computes.
+        residual = _through_residual_add(layer, config)
+        skip_fp = session.skip_operands(layer, items, fp=True) if residual else None
+        targets = _in_chunks(problem.fp_output, x_fp, skip_fp)
+        del skip_fp
+        skip = None
         if config.mode == "sequential":
             del x_fp
             # Input from the quantized model as it is now, before the layer's own input
@@ -131,6 +154,8 @@ class PTAdaQuantBackend(AdaQuantBackend):
                 off = [layer.input_quantizer] if layer.input_quantizer is not None else []
                 with quantizers_disabled(off):
                     inputs = capture_input(session.model, layer.name, items, session.device)
+            if residual:
+                skip = session.skip_operands(layer, items, fp=False)
         else:
             inputs = x_fp
         n = len(inputs)
@@ -138,15 +163,18 @@ class PTAdaQuantBackend(AdaQuantBackend):
         if n_hold >= n:
             n_hold = 0
         n_train = n - n_hold
-        report_x, report_y = (inputs[n_train:], targets[n_train:]) if n_hold else (inputs, targets)
-        before = _relative_error(problem, report_x, report_y)
+        report = slice(n_train, None) if n_hold else slice(None)
+        report_x, report_y = inputs[report], targets[report]
+        report_skip = None if skip is None else skip[report]
+        before = _relative_error(problem, report_x, report_y, report_skip)
         t1 = time.perf_counter()
         if config.range_search:
             m = min(n_train, config.range_search_samples)
             # Input range first: at 4 bits its error dominates, and it changes which weight
             # scales are best.
-            search_input_range(problem, inputs[:m], targets[:m])
-            search_weight_scales(problem, inputs[:m], targets[:m])
+            search_skip = None if skip is None else skip[:m]
+            search_input_range(problem, inputs[:m], targets[:m], search_skip)
+            search_weight_scales(problem, inputs[:m], targets[:m], search_skip)
 
         groups = problem.trainable()
         if groups and config.iters > 0:
@@ -168,17 +196,18 @@ class PTAdaQuantBackend(AdaQuantBackend):
                 keep_fp = None
                 if config.input_drop > 0 and layer.input_quantizer is not None:
                     keep_fp = (torch.rand(x.shape, generator=gen) < config.input_drop).to(session.device)
+                skip_batch = None if skip is None else skip[idx]
                 if x_quantized is None:
-                    out = problem.quantized_output(x, keep_fp)
+                    out = problem.quantized_output(x, keep_fp, skip=skip_batch)
                 else:
                     xq = x_quantized[idx] if keep_fp is None else torch.where(keep_fp, x, x_quantized[idx])
-                    out = problem.quantized_output(xq, input_quantized=True)
+                    out = problem.quantized_output(xq, input_quantized=True, skip=skip_batch)
                 loss = F.mse_loss(out, targets[idx])  # one fused pass forward and backward
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
             del x_quantized
-        after = _relative_error(problem, report_x, report_y)
+        after = _relative_error(problem, report_x, report_y, report_skip)
         kept = True
         if after > before and n_hold:
             # Held-out error rose: keep round-to-nearest for this layer.
@@ -192,6 +221,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
             error_before=before,
             error_after=after,
             kept=kept,
+            loss_after=layer.residual.add.node_name if residual else None,
             capture_s=t1 - t0,
             optimize_s=time.perf_counter() - t1,
         )
@@ -211,9 +241,14 @@ def _fixed_range_from(problem: LayerProblem, config: AdaQuantConfig) -> int | No
 
 
 @torch.no_grad()
-def _in_chunks(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``fn`` over a whole cached set, ``_EVAL_CHUNK`` samples at a time (bounds temporary memory)."""
-    return torch.cat([fn(x[i : i + _EVAL_CHUNK]) for i in range(0, len(x), _EVAL_CHUNK)])
+def _in_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, *more: torch.Tensor | None) -> torch.Tensor:
+    """``fn`` over a whole cached set, ``_EVAL_CHUNK`` samples at a time (bounds temporary
+    memory); ``more``: further per-sample arguments (None passes None)."""
+    chunks = []
+    for i in range(0, len(x), _EVAL_CHUNK):
+        rest = [None if m is None else m[i : i + _EVAL_CHUNK] for m in more]
+        chunks.append(fn(x[i : i + _EVAL_CHUNK], *rest))
+    return torch.cat(chunks)
 
 
 def _layer_only_output(layer: QuantizedLayer, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

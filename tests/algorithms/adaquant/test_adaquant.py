@@ -8,7 +8,7 @@ import torch
 import nncf_calibtip as nc
 from nncf_calibtip import compat
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
-from tests.conftest import TinyNet
+from tests.conftest import ResNetBlocks, TinyNet
 
 W4A4 = PrecisionConfig(4, 4, keep_first_last_8bit=False)
 
@@ -51,6 +51,22 @@ def test_sequential_ends_closer_to_fp_than_parallel(tiny_model, calib_dataset, t
                 tiny_model, nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4), test_data
             )
     assert errors["sequential"] < errors["parallel"]
+
+
+def test_loss_after_the_residual_add_brings_the_model_closer_to_fp(calib_dataset, test_data):
+    torch.manual_seed(0)
+    model = ResNetBlocks().eval()
+    errors = {}
+    for on in (False, True):
+        errors[on] = 0.0
+        for seed in range(3):  # one seed can go either way on a model this small
+            cfg = nc.AdaQuantConfig(mode="sequential", iters=150, seed=seed, loss_after_residual_add=on)
+            q = nc.quantize(model, calib_dataset, cfg, precision=W4A4)
+            errors[on] += _mse_to_fp(model, q, test_data)
+        at = {r["name"].split("/")[0]: r["loss_after"] for r in nc.get_result(q).reports["adaquant"]}
+        expected = {"a2": "/add/0", "shortcut": "/add/1"} if on else {}
+        assert {k: v for k, v in at.items() if v} == expected
+    assert errors[True] < 0.97 * errors[False]
 
 
 def test_same_seed_same_model_and_callers_model_untouched(tiny_model, calib_dataset, test_data):
