@@ -228,8 +228,10 @@ class _RecordDerived(nn.Module):
 
 class _RecordSkip(nn.Module):
     """Post-hook (the first) on the operation that computes a residual add's skip operand:
-    keeps a copy for the layer whose loss is taken after that add (the add itself runs only
-    after the layer, while the batch is paused before it)."""
+    keeps it for the layer whose loss is taken after that add (the add itself runs only after
+    the layer, while the batch is paused before it). The tensor itself, not a copy: when it
+    derives from a deferred quantizer's value, the release quantizes it in place, as the add
+    will see it."""
 
     def __init__(self, layer_name: str) -> None:
         super().__init__()
@@ -238,7 +240,7 @@ class _RecordSkip(nn.Module):
     def forward(self, y: Any) -> Any:
         batch = _current_batch()
         if batch is not None and isinstance(y, torch.Tensor):
-            batch.skips[self.layer_name] = y.detach().clone()  # later in-place ops must not change it
+            batch.skips[self.layer_name] = y
         return y
 
 
