@@ -13,6 +13,16 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 
+def randomize_batch_norms(bns: list[nn.BatchNorm2d]) -> None:
+    """Statistics and affine parameters away from the identity, the same for every run."""
+    gen = torch.Generator().manual_seed(0)
+    for bn in bns:
+        bn.running_mean.uniform_(-0.1, 0.1, generator=gen)
+        bn.running_var.uniform_(0.5, 1.5, generator=gen)
+        bn.weight.data.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.data.uniform_(-0.1, 0.3, generator=gen)
+
+
 class TinyNet(nn.Module):
     """conv/BN/ReLU, max-pool, depthwise/BN/ReLU6, pointwise conv/BN with a residual add, a
     zero-padded conv without BN, global pooling and a linear head: the shapes AdaQuant meets."""
@@ -27,12 +37,7 @@ class TinyNet(nn.Module):
         self.bn2 = nn.BatchNorm2d(16)
         self.grouped = nn.Conv2d(16, 32, 3, groups=4)
         self.fc = nn.Linear(32, 10)
-        gen = torch.Generator().manual_seed(0)
-        for bn in (self.bn0, self.bn1, self.bn2):
-            bn.running_mean.uniform_(-0.1, 0.1, generator=gen)
-            bn.running_var.uniform_(0.5, 1.5, generator=gen)
-            bn.weight.data.uniform_(0.5, 1.5, generator=gen)
-            bn.bias.data.uniform_(-0.1, 0.3, generator=gen)
+        randomize_batch_norms([self.bn0, self.bn1, self.bn2])
         if zero_channel:
             with torch.no_grad():
                 self.dw.weight[3].zero_()
@@ -62,13 +67,7 @@ class ResNetBlocks(nn.Module):
         self.b1, self.b2 = conv_bn(16, 32, 3, 2), conv_bn(32, 32, 3)
         self.shortcut = conv_bn(16, 32, 1, 2)
         self.fc = nn.Linear(32, 10)
-        gen = torch.Generator().manual_seed(0)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.1, 0.1, generator=gen)
-                m.running_var.uniform_(0.5, 1.5, generator=gen)
-                m.weight.data.uniform_(0.5, 1.5, generator=gen)
-                m.bias.data.uniform_(-0.1, 0.3, generator=gen)
+        randomize_batch_norms([m for m in self.modules() if isinstance(m, nn.BatchNorm2d)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.stem(x))
