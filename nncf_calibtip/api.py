@@ -15,7 +15,7 @@ from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant import AdaQuant, AdaQuantConfig
 from nncf_calibtip.algorithms.bias_tuning import BiasTuning, BiasTuningConfig
 from nncf_calibtip.algorithms.bn_tuning import BNTuning, BNTuningConfig
-from nncf_calibtip.calibration.data import check_item_device, inference_items
+from nncf_calibtip.calibration.data import check_item_call, check_item_device, inference_items
 from nncf_calibtip.calibration.fp_reference import remember_fp_state
 from nncf_calibtip.config_schema import validate_quantization_config
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
@@ -219,6 +219,7 @@ def quantize(
     example = next(iter(calibration_dataset.get_inference_data()))
     check_item_device(model, example)
     work = copy.deepcopy(model).eval()
+    check_item_call(work, example)
     wrapped = compat.GraphModelWrapper(compat.wrap_model(work), example)
     result = pipeline.run(wrapped, calibration_dataset)
     quantized = compat.unwrap(result)

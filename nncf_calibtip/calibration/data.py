@@ -70,16 +70,45 @@ def call_model(model: nn.Module, item: Any) -> Any:
 
 
 def batch_size_of(item: Any) -> int:
-    """Leading dimension of the first tensor in a dataset item (the number of samples it holds)."""
+    """Leading dimension of the first tensor in a (nested) dataset item: the number of samples
+    it holds."""
+    size = _first_batch_size(item)
+    if size is None:
+        msg = (
+            f"Cannot tell the batch size of a dataset item of type {type(item).__name__}: it holds no "
+            "tensor with a batch dimension. Make the nncf.Dataset's transform_fn return tensors."
+        )
+        raise TypeError(msg)
+    return size
+
+
+def _first_batch_size(item: Any) -> int | None:
     if isinstance(item, torch.Tensor):
-        return int(item.shape[0]) if item.dim() > 0 else 1
-    values: Sequence[Any] = list(item.values()) if isinstance(item, Mapping) else item
-    if isinstance(values, (list, tuple)):
-        for v in values:
-            if isinstance(v, torch.Tensor) and v.dim() > 0:
-                return int(v.shape[0])
-    msg = f"Cannot tell the batch size of a dataset item of type {type(item).__name__}; yield tensors."
-    raise TypeError(msg)
+        return int(item.shape[0]) if item.dim() > 0 else None
+    if isinstance(item, Mapping):
+        item = list(item.values())
+    if isinstance(item, (list, tuple)):
+        for v in item:
+            size = _first_batch_size(v)
+            if size is not None:
+                return size
+    return None
+
+
+def check_item_call(model: nn.Module, item: Any) -> None:
+    """Call ``model`` on one dataset item as NNCF will, and turn an argument mismatch into an
+    error that says how NNCF passes items."""
+    try:
+        with torch.no_grad():
+            call_model(model, item)
+    except TypeError as e:
+        msg = (
+            f"Calling the model on a calibration item ({type(item).__name__}) failed: {e}. The model is "
+            "called as NNCF calls it: a dict item as keyword arguments, a tuple item as positional "
+            "arguments, anything else as the only argument. To pass a dict or a tuple as one argument, "
+            "make the nncf.Dataset's transform_fn return it wrapped in a tuple: (item,)."
+        )
+        raise TypeError(msg) from e
 
 
 def inference_items(dataset: nncf.Dataset, subset_size: int | None) -> list[Any]:
