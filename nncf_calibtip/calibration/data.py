@@ -71,7 +71,9 @@ def call_model(model: nn.Module, item: Any) -> Any:
 
 def batch_size_of(item: Any) -> int:
     """Leading dimension of the first tensor in a (nested) dataset item: the number of samples
-    it holds."""
+    it holds; a 0-d tensor is one sample."""
+    if isinstance(item, torch.Tensor) and item.dim() == 0:
+        return 1
     size = _first_batch_size(item)
     if size is None:
         msg = (

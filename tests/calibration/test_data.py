@@ -26,6 +26,7 @@ def test_batch_size_is_read_from_nested_items():
     x = torch.zeros(5, 3)
     assert batch_size_of(({"image": x, "flag": 1},)) == 5
     assert batch_size_of([7, (torch.tensor(1.0), x)]) == 5
+    assert batch_size_of(torch.tensor(1.0)) == 1
     with pytest.raises(TypeError, match="holds no tensor with a batch dimension"):
         batch_size_of({"n": 3})
 
