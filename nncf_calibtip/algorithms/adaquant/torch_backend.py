@@ -165,14 +165,14 @@ class PTAdaQuantBackend(AdaQuantBackend):
         n_train = n - n_hold
         report = slice(n_train, None) if n_hold else slice(None)
         report_x, report_y = inputs[report], targets[report]
-        report_skip = None if skip is None else skip[report]
+        report_skip = _rows(skip, report)
         before = _relative_error(problem, report_x, report_y, report_skip)
         t1 = time.perf_counter()
         if config.range_search:
             m = min(n_train, config.range_search_samples)
             # Input range first: at 4 bits its error dominates, and it changes which weight
             # scales are best.
-            search_skip = None if skip is None else skip[:m]
+            search_skip = _rows(skip, slice(m))
             search_input_range(problem, inputs[:m], targets[:m], search_skip)
             search_weight_scales(problem, inputs[:m], targets[:m], search_skip)
 
@@ -196,7 +196,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
                 keep_fp = None
                 if config.input_drop > 0 and layer.input_quantizer is not None:
                     keep_fp = (torch.rand(x.shape, generator=gen) < config.input_drop).to(session.device)
-                skip_batch = None if skip is None else skip[idx]
+                skip_batch = _rows(skip, idx)
                 if x_quantized is None:
                     out = problem.quantized_output(x, keep_fp, skip=skip_batch)
                 else:
@@ -240,13 +240,18 @@ def _fixed_range_from(problem: LayerProblem, config: AdaQuantConfig) -> int | No
     return steps
 
 
+def _rows(t: torch.Tensor | None, index: slice | torch.Tensor) -> torch.Tensor | None:
+    """``t[index]``, or None for an absent per-sample tensor (a layer without a skip operand)."""
+    return None if t is None else t[index]
+
+
 @torch.no_grad()
 def _in_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, *more: torch.Tensor | None) -> torch.Tensor:
     """``fn`` over a whole cached set, ``_EVAL_CHUNK`` samples at a time (bounds temporary
     memory); ``more``: further per-sample arguments (None passes None)."""
     chunks = []
     for i in range(0, len(x), _EVAL_CHUNK):
-        rest = [None if m is None else m[i : i + _EVAL_CHUNK] for m in more]
+        rest = [_rows(m, slice(i, i + _EVAL_CHUNK)) for m in more]
         chunks.append(fn(x[i : i + _EVAL_CHUNK], *rest))
     return torch.cat(chunks)
 
