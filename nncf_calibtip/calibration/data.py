@@ -33,15 +33,21 @@ def to_device(item: Any, device: torch.device) -> Any:
     return item
 
 
-def item_devices(item: Any) -> set[torch.device]:
-    """The devices of the tensors in a (nested) dataset item."""
+def _tensors(item: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a (nested) dataset item, depth first in item order."""
     if isinstance(item, torch.Tensor):
-        return {item.device}
+        yield item
+        return
     if isinstance(item, Mapping):
         item = list(item.values())
     if isinstance(item, (list, tuple)):
-        return set().union(*(item_devices(v) for v in item))
-    return set()
+        for v in item:
+            yield from _tensors(v)
+
+
+def item_devices(item: Any) -> set[torch.device]:
+    """The devices of the tensors in a (nested) dataset item."""
+    return {t.device for t in _tensors(item)}
 
 
 def check_item_device(model: nn.Module, item: Any) -> None:
@@ -74,7 +80,7 @@ def batch_size_of(item: Any) -> int:
     it holds; a 0-d tensor is one sample."""
     if isinstance(item, torch.Tensor) and item.dim() == 0:
         return 1
-    size = _first_batch_size(item)
+    size = next((int(t.shape[0]) for t in _tensors(item) if t.dim() > 0), None)
     if size is None:
         msg = (
             f"Cannot tell the batch size of a dataset item of type {type(item).__name__}: it holds no "
@@ -82,19 +88,6 @@ def batch_size_of(item: Any) -> int:
         )
         raise TypeError(msg)
     return size
-
-
-def _first_batch_size(item: Any) -> int | None:
-    if isinstance(item, torch.Tensor):
-        return int(item.shape[0]) if item.dim() > 0 else None
-    if isinstance(item, Mapping):
-        item = list(item.values())
-    if isinstance(item, (list, tuple)):
-        for v in item:
-            size = _first_batch_size(v)
-            if size is not None:
-                return size
-    return None
 
 
 def check_item_call(model: nn.Module, item: Any) -> None:
