@@ -9,6 +9,7 @@ from nncf_calibtip.algorithms.base import ConfigMixin
 
 AdaQuantMode = Literal["parallel", "sequential"]
 SequentialInputs = Literal["stream", "recompute"]
+WeightStart = Literal["nearest", "gptq"]
 
 #: Sequential mode's input-range training steps under ``activation_range_iters="auto"``.
 AUTO_ACTIVATION_RANGE_ITERS = 50
@@ -57,6 +58,11 @@ class AdaQuantConfig(ConfigMixin):
         steps then refine them (each only where ``optimize_activation_range`` /
         ``optimize_weight_scale`` is on). Off: start from MinMax's ranges, as the paper does.
     :param range_search_samples: Calibration samples the range search scores on.
+    :param weight_start: Where the weights start before the gradient steps (after the range
+        search): ``"nearest"``, round-to-nearest, as the paper; ``"gptq"``, error-feedback
+        rounding (GPTQ) on the layer's quantized training inputs, which cancels most of the
+        rounding error of the layer's output before its activation (conv2d and linear layers;
+        others start at round-to-nearest).
     :param activation_range_iters: Steps (the first ones) in which the input range trains; the
         range is then fixed, every training input is quantized once, and the remaining steps
         fit the weights, scales and bias to that range without re-quantizing the input or
@@ -110,6 +116,7 @@ class AdaQuantConfig(ConfigMixin):
     optimize_activation_range: bool = True
     range_search: bool = True
     range_search_samples: int = 128
+    weight_start: WeightStart = "nearest"
     activation_range_iters: int | Literal["auto"] | None = "auto"
     loss_after_residual_add: bool = True
     input_drop: float = 0.0
@@ -134,6 +141,9 @@ class AdaQuantConfig(ConfigMixin):
             if not getattr(self, name) >= 0:
                 msg = f"{name}={getattr(self, name)!r} must be a non-negative number."
                 raise ValueError(msg)
+        if self.weight_start not in ("nearest", "gptq"):
+            msg = f"weight_start={self.weight_start!r} is not supported; use 'nearest' or 'gptq'."
+            raise ValueError(msg)
         ri = self.activation_range_iters
         if ri not in (None, "auto") and (not isinstance(ri, int) or isinstance(ri, bool) or ri < 0):
             msg = f"activation_range_iters={ri!r} must be a non-negative integer, 'auto' or None."

@@ -34,6 +34,22 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
+def conv2d_arguments(node: compat.NNCFNode) -> dict[str, Any] | None:
+    """The arguments of a conv2d graph node by name (``input``, ``weight``, ``bias``, ``stride``,
+    ``padding``, ``dilation``, ``groups``; ``weight`` is a tensor description with a 4-d
+    ``shape``), or None when the node is not a conv2d."""
+    attrs = node.layer_attributes
+    if not isinstance(attrs, compat.PT2OpLayerAttributes) or attrs.func not in _CONV2D_FUNCS:
+        return None
+    args: dict[str, Any] = dict(_CONV2D_DEFAULTS)
+    args.update(zip(_CONV2D_ARGS, attrs.op_args, strict=False))
+    args.update(attrs.op_kwargs)
+    shape = getattr(args["weight"], "shape", None)
+    if shape is None or len(shape) != 4:
+        return None
+    return args
+
+
 class SmallMapDepthwise:
     """A depthwise conv2d (one input channel per group) evaluated as a batched matrix product
     when its input map is small and on the CPU, and as the convolution otherwise.
@@ -50,17 +66,11 @@ class SmallMapDepthwise:
     @staticmethod
     def for_node(node: compat.NNCFNode) -> SmallMapDepthwise | None:
         """The matrix form of ``node`` when it is a depthwise conv2d with numeric padding, else None."""
-        attrs = node.layer_attributes
-        if not isinstance(attrs, compat.PT2OpLayerAttributes) or attrs.func not in _CONV2D_FUNCS:
+        args = conv2d_arguments(node)
+        if args is None:
             return None
-        args: dict[str, Any] = dict(_CONV2D_DEFAULTS)
-        args.update(zip(_CONV2D_ARGS, attrs.op_args, strict=False))
-        args.update(attrs.op_kwargs)
-        weight = args["weight"]
-        shape = getattr(weight, "shape", None)
-        if shape is None or len(shape) != 4 or int(shape[1]) != 1 or args["groups"] != int(shape[0]):
-            return None
-        if isinstance(args["padding"], str):
+        shape = tuple(int(d) for d in args["weight"].shape)
+        if shape[1] != 1 or args["groups"] != shape[0] or isinstance(args["padding"], str):
             return None
         return SmallMapDepthwise(_pair(args["stride"]), _pair(args["padding"]), _pair(args["dilation"]))
 

@@ -93,6 +93,9 @@ class LayerProblem:
             bias=tensors[layer.bias_name] if layer.bias_name else None,
             bn={port: tensors[name] for port, name in layer.batch_norm_params.items()},
         )
+        # The weight that all-zero changes round to nearest: the FP weight, or another start
+        # (see gptq_start); the changes move around it.
+        self.base_weight = self.fp.weight.detach().clone()
         wq = layer.weight_quantizer
         device = self.fp.weight.device
         # Weight grid: [-scale, scale] (symmetric) or [low, low + range] (asymmetric), per
@@ -183,7 +186,7 @@ class LayerProblem:
 
     def quantized_weight(self) -> torch.Tensor:
         wq = self.layer.weight_quantizer
-        w = self.fp.weight + self._weight_change()
+        w = self.base_weight + self._weight_change()
         low, scale = self.weight_grid()
         if low is not None:
             return compat.asymmetric_quantize(w, wq.levels, wq.level_low, wq.level_high, low, scale, wq.eps)
@@ -304,8 +307,9 @@ class LayerProblem:
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
-        """Back to round-to-nearest (all changes zero)."""
+        """Back to round-to-nearest (all changes zero, the FP weight as the base)."""
         with torch.no_grad():
+            self.base_weight.copy_(self.fp.weight)
             for t in (
                 self.delta_w,
                 self.delta_scale,
@@ -320,7 +324,7 @@ class LayerProblem:
     @torch.no_grad()
     def write_back(self) -> None:
         """Store the changes in the model's weight, bias/BatchNorm shift and quantizers."""
-        self.fp.weight.add_(self._weight_change())
+        self.fp.weight.copy_(self.base_weight + self._weight_change())
         wq = self.layer.weight_quantizer
         low, scale = self.weight_grid()
         if low is not None:

@@ -14,6 +14,7 @@ from torch import nn
 from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerReport
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
+from nncf_calibtip.algorithms.adaquant.gptq_start import gptq_start
 from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem, cosine_lr
 from nncf_calibtip.algorithms.adaquant.range_search import search_input_range, search_weight_scales
 from nncf_calibtip.calibration.capture import capture_input, capture_inputs, quantizers_disabled
@@ -144,6 +145,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
         targets = _in_chunks(problem.fp_output, x_fp, skip_fp)
         del skip_fp
         skip = None
+        x_fp_train = x_fp if config.weight_start == "gptq" else None
         if config.mode == "sequential":
             del x_fp
             # Input from the quantized model as it is now, before the layer's own input
@@ -175,6 +177,10 @@ class PTAdaQuantBackend(AdaQuantBackend):
             search_skip = _rows(skip, slice(m))
             search_input_range(problem, inputs[:m], targets[:m], search_skip)
             search_weight_scales(problem, inputs[:m], targets[:m], search_skip)
+        if config.weight_start == "gptq":
+            assert x_fp_train is not None
+            gptq_start(problem, inputs[:n_train], x_fp_train[:n_train])
+        del x_fp_train
 
         groups = problem.trainable()
         if groups and config.iters > 0:
