@@ -7,7 +7,8 @@ error the rounded ones made: it minimises ``||X (W - Q)||^2`` column by column w
 inverse of ``H = X^T X``, which is exact for a linear layer's output before its BatchNorm and
 activation (both act per output channel, so each channel's weights are independent). Here
 ``X`` is the layer's input *after its own input quantizer*, with the range the range search
-chose, so the start fits the inputs the layer will see.
+chose, and the weight rounded is not ``W`` but the least-squares fit of the FP output on those
+inputs, so the start also corrects the input quantizer's error (see :func:`gptq_start`).
 
 The result is stored as a new base weight: the value each weight had when its column was
 rounded, so that round-to-nearest of the base is GPTQ's rounding and AdaQuant's bounded
