@@ -31,13 +31,13 @@ _CONV2D_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "gro
 
 
 def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def conv2d_arguments(node: compat.NNCFNode) -> dict[str, Any] | None:
-    """The arguments of a conv2d graph node by name (``input``, ``weight``, ``bias``, ``stride``,
-    ``padding``, ``dilation``, ``groups``; ``weight`` is a tensor description with a 4-d
-    ``shape``), or None when the node is not a conv2d."""
+    """The arguments of a conv2d graph node by name, or None when the node is not a conv2d:
+    ``weight`` (a tensor description with a 4-d ``shape``), ``input``, ``bias``, ``groups``,
+    and ``stride``, ``dilation`` and ``padding`` as pairs (``padding`` may stay a string)."""
     attrs = node.layer_attributes
     if not isinstance(attrs, compat.PT2OpLayerAttributes) or attrs.func not in _CONV2D_FUNCS:
         return None
@@ -47,6 +47,9 @@ def conv2d_arguments(node: compat.NNCFNode) -> dict[str, Any] | None:
     shape = getattr(args["weight"], "shape", None)
     if shape is None or len(shape) != 4:
         return None
+    for name in ("stride", "dilation", "padding"):
+        if not isinstance(args[name], str):
+            args[name] = _pair(args[name])
     return args
 
 
@@ -72,7 +75,7 @@ class SmallMapDepthwise:
         shape = tuple(int(d) for d in args["weight"].shape)
         if shape[1] != 1 or args["groups"] != shape[0] or isinstance(args["padding"], str):
             return None
-        return SmallMapDepthwise(_pair(args["stride"]), _pair(args["padding"]), _pair(args["dilation"]))
+        return SmallMapDepthwise(args["stride"], args["padding"], args["dilation"])
 
     def _taps_for(self, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """0/1 matrix [kernel taps, output positions x input positions] and the output size."""

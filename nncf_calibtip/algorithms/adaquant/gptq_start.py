@@ -30,16 +30,12 @@ from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem
 DAMPING_GRID = (0.01, 0.1, 1.0)
 #: Share of the training samples the damping is chosen on (fitted on the rest).
 VALIDATION_FRACTION = 0.25
-#: Rows of ``H`` (sample positions) per input column at least, when sampling (see ``_gram_samples``).
+#: Rows of ``H`` (sample positions) per input column at least, when sampling (see ``_sampling``).
 _ROWS_PER_COLUMN = 512
 #: Samples at least, when sampling.
 _MIN_SAMPLES = 256
 #: Elements of unfolded input held at once while accumulating ``H`` (bounds temporary memory).
 _CHUNK_ELEMENTS = 2**24
-
-
-def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 def _columns(problem: LayerProblem, x: torch.Tensor) -> tuple[torch.Tensor, int] | None:
@@ -51,8 +47,7 @@ def _columns(problem: LayerProblem, x: torch.Tensor) -> tuple[torch.Tensor, int]
     if args is None or x.dim() != 4:
         return None
     kernel = tuple(int(d) for d in args["weight"].shape[-2:])
-    padding = args["padding"]
-    dilation, stride = _pair(args["dilation"]), _pair(args["stride"])
+    padding, dilation, stride = args["padding"], args["dilation"], args["stride"]
     if padding == "valid":
         padding = (0, 0)
     elif padding == "same":
@@ -60,16 +55,14 @@ def _columns(problem: LayerProblem, x: torch.Tensor) -> tuple[torch.Tensor, int]
             return None  # asymmetric padding: not one unfold
         padding = tuple(dilation[i] * (kernel[i] - 1) // 2 for i in range(2))
     groups = int(args["groups"])
-    cols = F.unfold(x, kernel, dilation=dilation, padding=_pair(padding), stride=stride)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
     return cols.view(x.shape[0], groups, cols.shape[1] // groups, cols.shape[2]), groups
 
 
 @torch.no_grad()
-def _grams(problem: LayerProblem, x: torch.Tensor, x_fp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``H = Xq^T Xq`` and ``C = Xq^T X`` per group, float64 ``[groups, columns, columns]``."""
-    first = _columns(problem, x[:1])
-    assert first is not None
-    chunk = max(1, _CHUNK_ELEMENTS // max(first[0].numel(), 1))
+def _grams(problem: LayerProblem, x: torch.Tensor, x_fp: torch.Tensor, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``H = Xq^T Xq`` and ``C = Xq^T X`` per group, float64 ``[groups, columns, columns]``,
+    ``chunk`` samples at a time."""
     h = c = None
     for i in range(0, len(x), chunk):
         cols, groups = _columns(problem, problem.quantize_input(x[i : i + chunk]))
@@ -84,15 +77,16 @@ def _grams(problem: LayerProblem, x: torch.Tensor, x_fp: torch.Tensor) -> tuple[
     return h, c
 
 
-def _gram_samples(problem: LayerProblem, x: torch.Tensor) -> int | None:
-    """How many samples the Gram matrices need (enough rows per input column), or None for a
-    layer this start does not support."""
+def _sampling(problem: LayerProblem, x: torch.Tensor) -> tuple[int, int] | None:
+    """How many samples the Gram matrices need (enough rows per input column) and how many to
+    unfold at once, or None for a layer this start does not support."""
     first = _columns(problem, x[:1])
     if first is None:
         return None
     cols, _ = first
     k, positions = cols.shape[2], cols.shape[3]
-    return min(len(x), max(_MIN_SAMPLES, -(-_ROWS_PER_COLUMN * k // positions)))
+    needed = min(len(x), max(_MIN_SAMPLES, -(-_ROWS_PER_COLUMN * k // positions)))
+    return needed, max(1, _CHUNK_ELEMENTS // max(cols.numel(), 1))
 
 
 def _grid(problem: LayerProblem) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -190,26 +184,23 @@ def gptq_start(problem: LayerProblem, x: torch.Tensor, x_fp: torch.Tensor) -> bo
     :return: Whether the layer was supported (else its start stays round-to-nearest).
     """
     name = problem.layer.name
-    n = _gram_samples(problem, x)
-    if n is None:
+    sampling = _sampling(problem, x)
+    if sampling is None:
         compat.nncf_logger.debug(f"AdaQuant: {name} keeps the round-to-nearest start (not conv2d/linear)")
         return False
+    n, chunk = sampling
     n_val = int(n * VALIDATION_FRACTION)
     if n_val < 1:
         return False
-    h_fit, c_fit = _grams(problem, x[: n - n_val], x_fp[: n - n_val])
-    h_val, c_val = _grams(problem, x[n - n_val : n], x_fp[n - n_val : n])
+    h_fit, c_fit = _grams(problem, x[: n - n_val], x_fp[: n - n_val], chunk)
+    h_val, c_val = _grams(problem, x[n - n_val : n], x_fp[n - n_val : n], chunk)
     groups, k = h_fit.shape[0], h_fit.shape[-1]
     w_fp = problem.base_weight
     out = w_fp.shape[0] // groups
     w = w_fp.reshape(groups, out, k).double()
     origin, step, lo, hi = _grid(problem)
-    grid = (
-        origin.double().expand(groups * out).view(groups, out),
-        step.double().expand(groups * out).view(groups, out),
-        lo,
-        hi,
-    )
+    origin, step = (t.double().expand(groups * out).reshape(groups, out) for t in (origin, step))
+    grid = (origin, step, lo, hi)
     damping = torch.tensor(DAMPING_GRID, dtype=torch.float64, device=w.device)
     try:
         _, q_fit = _gptq(w, h_fit, c_fit, damping, grid)
@@ -218,9 +209,7 @@ def gptq_start(problem: LayerProblem, x: torch.Tensor, x_fp: torch.Tensor) -> bo
     except torch.linalg.LinAlgError:
         compat.nncf_logger.debug(f"AdaQuant: {name} keeps the round-to-nearest start (H not invertible)")
         return False
-    rtn = ((w - grid[0][..., None]) / grid[1][..., None]).round().clamp(lo, hi) * grid[1][..., None] + grid[0][
-        ..., None
-    ]
+    rtn = _round(w, origin[..., None], step[..., None], lo, hi)
     # Validation error of each candidate per output channel; the last candidate is round-to-nearest.
     errors = torch.cat([_output_error(q_fit, w, h_val, c_val), _output_error(rtn, w, h_val, c_val)[None]])
     best = errors.argmin(0)  # [groups, out]
