@@ -123,13 +123,11 @@ def _gptq(
         roundings, ``[dampings, groups, out, columns]``.
     """
     d, (groups, out, k) = len(damping), w.shape
-    diag = h.diagonal(dim1=-2, dim2=-1)
-    dead = diag == 0  # inputs that are always zero: their weights round to nearest
-    damp = damping[:, None] * diag.mean(-1).clamp_min(1e-30)[None]  # [dampings, groups]
+    # An input that is always zero has a zero row and column in H and C: with the damping
+    # alone on its diagonal, the fit keeps its weight, and GPTQ rounds it to nearest.
+    damp = damping[:, None] * h.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-30)[None]  # [dampings, groups]
     eye = torch.eye(k, dtype=h.dtype, device=h.device)
-    hd = h[None] + damp[..., None, None] * eye
-    hd.diagonal(dim1=-2, dim2=-1)[dead.expand(d, -1, -1)] = 1.0
-    hd = hd.reshape(d * groups, k, k)
+    hd = (h[None] + damp[..., None, None] * eye).reshape(d * groups, k, k)
     lower, info = torch.linalg.cholesky_ex(hd)
     if not bool((info == 0).all()):
         raise torch.linalg.LinAlgError("H is not positive definite")

@@ -138,3 +138,14 @@ def test_gptq_start_then_steps_beat_round_to_nearest_and_repeat(tiny_model, cali
 def test_weight_start_validated():
     with pytest.raises(ValueError, match="weight_start"):
         nc.AdaQuantConfig(weight_start="hessian")
+
+
+def test_weights_of_an_input_that_is_always_zero_keep_their_value(setup):
+    # The calibration inputs say nothing about such a weight; unseen inputs may still use it.
+    model, layers, tensors = setup
+    problem = LayerProblem(layers["fc"], tensors, AdaQuantConfig(), train_input_range=True, output_rms=1.0)
+    x = _fp_inputs(model, _images(256, 1))["fc"].clone()
+    x[..., 5] = 0.0
+    assert gptq_start(problem, x, x)
+    torch.testing.assert_close(problem.base_weight[:, 5], problem.fp.weight[:, 5])
+    assert not torch.equal(problem.base_weight, problem.fp.weight)
