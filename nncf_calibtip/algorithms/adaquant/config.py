@@ -64,8 +64,8 @@ class AdaQuantConfig(ConfigMixin):
         it also corrects the input quantizer's error), rounded by error feedback (GPTQ), with
         each output channel's damping chosen on held-back training samples (conv2d and linear
         layers; others start at round-to-nearest). Off by default: on unseen images it brought
-        ResNet-20 W4A4 closer to FP (KL -11%) but EfficientNet-Lite0 W4A4 further (KL +8%),
-        and it costs about 40% more time (see benchmarks/EXPERIMENTS.md).
+        ResNet-20 W4A4 closer to FP (KL -12%) but EfficientNet-Lite0 W4A4 further (KL +9%),
+        and it costs 15-40% more time (see benchmarks/EXPERIMENTS.md).
     :param activation_range_iters: Steps (the first ones) in which the input range trains; the
         range is then fixed, every training input is quantized once, and the remaining steps
         fit the weights, scales and bias to that range without re-quantizing the input or
