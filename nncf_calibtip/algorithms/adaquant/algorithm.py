@@ -93,6 +93,7 @@ class AdaQuant(StreamingAlgorithm):
                 compat.nncf_logger.debug(
                     f"{report.name}: error {report.error_before:.4g} -> {report.error_after:.4g}"
                     + ("" if report.kept else " (kept round-to-nearest)")
+                    + (" (steps undone: kept the start)" if report.steps_undone else "")
                 )
         finally:
             backend.finish(session)
@@ -102,8 +103,10 @@ class AdaQuant(StreamingAlgorithm):
         mark_fitted(compat.unwrap(model), fitted, cfg.mode)
         self.calibration_seconds = time.perf_counter() - start
         improved = sum(r.error_after < r.error_before for r in self.reports)
+        undone = sum(r.steps_undone for r in self.reports)
         compat.nncf_logger.info(
             f"AdaQuant done in {self.calibration_seconds:.1f} s: {improved}/{len(self.reports)} layers "
             "closer to FP on held-out samples"
+            + (f" ({undone} kept their start: the steps ended above it)" if undone else "")
         )
         return model

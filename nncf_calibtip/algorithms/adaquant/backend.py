@@ -19,11 +19,17 @@ class LayerReport:
     :param samples: Calibration samples the layer saw (optimisation and held-out).
     :param held_out: Samples kept for the error figures (0: they are on the optimisation set).
     :param error_before: Error at round-to-nearest, with the same ranges.
-    :param error_after: Error after AdaQuant.
+    :param error_after: Error after AdaQuant: the lowest of round-to-nearest, the start and
+        the fitted layer, which is the one kept.
     :param kept: False when AdaQuant did not lower the held-out error and the layer was left
         at round-to-nearest.
     :param loss_after: The residual add the error (and the loss) is taken after, or None:
         after the layer's own BatchNorm and activation.
+    :param error_start: Error at the start of the gradient steps (after the range search and
+        the weight start), or None when not measured.
+    :param steps_undone: True when the gradient steps ended above the start on held-out
+        samples and the layer was put back to the start (a layer kept at round-to-nearest
+        reports False).
     :param capture_s: Seconds spent running the model to get the layer's inputs and targets.
     :param optimize_s: Seconds spent optimising the layer.
     """
@@ -35,6 +41,8 @@ class LayerReport:
     error_after: float
     kept: bool
     loss_after: str | None = None
+    error_start: float | None = None
+    steps_undone: bool = False
     capture_s: float = 0.0
     optimize_s: float = 0.0
 

@@ -92,8 +92,9 @@ class AdaQuantConfig(ConfigMixin):
         mask costs 10-25% of the optimisation time, and test accuracy moved both ways (see
         the README). The held-out report and the final model always quantize every element.
     :param holdout_fraction: Share of the calibration samples kept out of the optimisation to
-        report each layer's reconstruction error before and after, and to keep the
-        round-to-nearest result of a layer AdaQuant did not improve.
+        report each layer's reconstruction error and to choose what each layer keeps: its
+        round-to-nearest result, its start (the searched ranges and the weight start) or the
+        result of the gradient steps, whichever is closest to FP on them (0: always the steps').
     :param subset_size: Calibration samples used at most.
     :param fp_cache_mb: Memory for FP layer inputs captured ahead in one pass (the FP model
         does not change, so one pass can serve several layers) when they are not streamed

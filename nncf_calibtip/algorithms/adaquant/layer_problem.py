@@ -306,6 +306,20 @@ class LayerProblem:
         return total
 
     # ------------------------------------------------------------------ state
+    def _state_tensors(self) -> list[torch.Tensor]:
+        names = ("base_weight", "delta_w", "delta_scale", "delta_low", "delta_b", "low_shift", "range_scale")
+        return [t for t in (getattr(self, n, None) for n in names) if t is not None]
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """A copy of the current changes (and base weight), for :meth:`restore`."""
+        return [t.detach().clone() for t in self._state_tensors()]
+
+    @torch.no_grad()
+    def restore(self, state: list[torch.Tensor]) -> None:
+        """Back to the changes of :meth:`snapshot`."""
+        for t, saved in zip(self._state_tensors(), state, strict=True):
+            t.copy_(saved)
+
     def reset(self) -> None:
         """Back to round-to-nearest (all changes zero, the FP weight as the base)."""
         with torch.no_grad():

@@ -181,6 +181,11 @@ class PTAdaQuantBackend(AdaQuantBackend):
             assert x_fp_train is not None
             gptq_start(problem, inputs[:n_train], x_fp_train[:n_train])
         del x_fp_train
+        # The start (searched ranges, GPTQ's weights) is a candidate of its own: the steps can
+        # end above it (seen on the 32x32-map layers after the stem, whose searched ranges are
+        # already close to their best).
+        start = _relative_error(problem, report_x, report_y, report_skip) if n_hold else None
+        start_state = problem.snapshot() if n_hold else None
 
         groups = problem.trainable()
         if groups and config.iters > 0:
@@ -214,9 +219,13 @@ class PTAdaQuantBackend(AdaQuantBackend):
                 opt.step()
             del x_quantized
         after = _relative_error(problem, report_x, report_y, report_skip)
+        # Keep the best of round-to-nearest, the start and the fitted layer on held-out samples.
+        steps_undone = False
+        if start is not None and start_state is not None and after > start:
+            problem.restore(start_state)
+            after, steps_undone = start, True
         kept = True
         if after > before and n_hold:
-            # Held-out error rose: keep round-to-nearest for this layer.
             problem.reset()
             after, kept = before, False
         problem.write_back()
@@ -226,7 +235,9 @@ class PTAdaQuantBackend(AdaQuantBackend):
             held_out=n_hold,
             error_before=before,
             error_after=after,
+            error_start=start,
             kept=kept,
+            steps_undone=steps_undone and kept,
             loss_after=layer.residual.add.node_name if residual else None,
             capture_s=t1 - t0,
             optimize_s=time.perf_counter() - t1,

@@ -122,6 +122,28 @@ def test_input_range_fixed_after_some_steps_still_beats_round_to_nearest(tiny_mo
         assert r["error_after"] < r["error_before"], r
 
 
+def test_steps_that_end_above_the_start_are_undone(tiny_model, calib_dataset, test_data):
+    # Learning rates this large wreck every fit: each layer goes back to its start (the searched
+    # ranges), so the model is the one the start alone gives, and the reports say so.
+    start_only = nc.AdaQuantConfig(
+        iters=1, lr_weight=0.0, lr_bias=0.0, lr_weight_scale=0.0, lr_activation_range=0.0, holdout_fraction=0.25
+    )
+    wrecking = dataclasses.replace(
+        start_only, iters=30, lr_weight=1.0, lr_bias=3.0, lr_weight_scale=0.5, lr_activation_range=0.5
+    )
+    start = nc.quantize(tiny_model, calib_dataset, start_only, precision=W4A4)
+    wrecked = nc.quantize(tiny_model, calib_dataset, wrecking, precision=W4A4)
+    start_reports = nc.get_result(start).reports["adaquant"]
+    reports = nc.get_result(wrecked).reports["adaquant"]
+    assert not any(r["steps_undone"] for r in start_reports)
+    assert all(r["steps_undone"] for r in reports if r["kept"]) and any(r["kept"] for r in reports)
+    for r, s in zip(reports, start_reports, strict=True):
+        assert r["error_after"] == r["error_start"] if r["kept"] else r["error_after"] == r["error_before"]
+        assert r["error_after"] == pytest.approx(s["error_after"], rel=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(wrecked(test_data), start(test_data), rtol=0, atol=0)
+
+
 def test_all_zero_output_channel_gives_no_nan(calib_dataset, test_data):
     model = TinyNet(zero_channel=True).eval()
     q = nc.quantize(model, calib_dataset, nc.AdaQuantConfig(iters=30), precision=W4A4)
