@@ -219,15 +219,16 @@ class PTAdaQuantBackend(AdaQuantBackend):
                 opt.step()
             del x_quantized
         after = _relative_error(problem, report_x, report_y, report_skip)
-        # Keep the best of round-to-nearest, the start and the fitted layer on held-out samples.
-        steps_undone = False
-        if start is not None and start_state is not None and after > start:
-            problem.restore(start_state)
-            after, steps_undone = start, True
-        kept = True
-        if after > before and n_hold:
-            problem.reset()
-            after, kept = before, False
+        # Keep the best of round-to-nearest, the start and the fitted layer on held-out samples
+        # (round-to-nearest on a tie: it is the start when there is no range search).
+        kept, steps_undone = True, False
+        if start is not None and start_state is not None:
+            if before <= min(start, after):
+                problem.reset()
+                after, kept = before, False
+            elif start < after:
+                problem.restore(start_state)
+                after, steps_undone = start, True
         problem.write_back()
         return LayerReport(
             name=layer.name,
@@ -237,7 +238,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
             error_after=after,
             error_start=start,
             kept=kept,
-            steps_undone=steps_undone and kept,
+            steps_undone=steps_undone,
             loss_after=layer.residual.add.node_name if residual else None,
             capture_s=t1 - t0,
             optimize_s=time.perf_counter() - t1,
