@@ -306,9 +306,13 @@ class LayerProblem:
         return total
 
     # ------------------------------------------------------------------ state
-    def _state_tensors(self) -> list[torch.Tensor]:
-        names = ("base_weight", "delta_w", "delta_scale", "delta_low", "delta_b", "low_shift", "range_scale")
+    def _changes(self) -> list[torch.Tensor]:
+        """The trainable changes (zero at round-to-nearest)."""
+        names = ("delta_w", "delta_scale", "delta_low", "delta_b", "low_shift", "range_scale")
         return [t for t in (getattr(self, n, None) for n in names) if t is not None]
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        return [self.base_weight, *self._changes()]
 
     def snapshot(self) -> list[torch.Tensor]:
         """A copy of the current changes (and base weight), for :meth:`restore`."""
@@ -324,16 +328,8 @@ class LayerProblem:
         """Back to round-to-nearest (all changes zero, the FP weight as the base)."""
         with torch.no_grad():
             self.base_weight.copy_(self.fp.weight)
-            for t in (
-                self.delta_w,
-                self.delta_scale,
-                self.delta_low,
-                self.delta_b,
-                getattr(self, "low_shift", None),
-                getattr(self, "range_scale", None),
-            ):
-                if t is not None:
-                    t.zero_()
+            for t in self._changes():
+                t.zero_()
 
     @torch.no_grad()
     def write_back(self) -> None:

@@ -182,8 +182,8 @@ class PTAdaQuantBackend(AdaQuantBackend):
             gptq_start(problem, inputs[:n_train], x_fp_train[:n_train])
         del x_fp_train
         # The start (searched ranges, GPTQ's weights) is a candidate of its own: the steps can
-        # end above it (seen on the 32x32-map layers after the stem, whose searched ranges are
-        # already close to their best).
+        # end above it (seen on the stem and the first depthwise conv, whose starts are already
+        # close to the best they can reach).
         start = _relative_error(problem, report_x, report_y, report_skip) if n_hold else None
         start_state = problem.snapshot() if n_hold else None
 
