@@ -20,7 +20,12 @@ import torch
 
 from nncf_calibtip import compat
 from nncf_calibtip.plan import ACTIVATION_BITS, WEIGHT_BITS, LayerPrecision, PrecisionPlan
-from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers, quantizer_consumers
+from nncf_calibtip.quantized_layers import (
+    QuantizedLayer,
+    find_quantized_layers,
+    other_weight_quantizers,
+    quantizer_consumers,
+)
 
 #: Weight scales are kept at least this large: dead channels (all-zero weights) would otherwise
 #: give a zero quantization range, which OpenVINO's FakeQuantize turns into NaN.
@@ -285,6 +290,13 @@ class PrecisionSetup(compat.Algorithm):
             layers = find_quantized_layers(torch_model, graph)
             compat.graph_changed(model)
         apply_plan(torch_model, layers, plan, self.config.overflow_fix)
+        others = other_weight_quantizers(torch_model, graph, layers)
+        if others:
+            compat.nncf_logger.warning(
+                f"{len(others)} operations with quantized weights are not conv/linear layers and keep NNCF's "
+                f"8-bit weights, outside the precision plan and the calibration: {others}. Keep them in float "
+                f"with nncf.IgnoredScope(names={others})."
+            )
         setattr(torch_model, PLAN_ATTRIBUTE, plan)
         self.applied_plan = plan
         compat.nncf_logger.info(f"Precision plan: {plan.summary()}")

@@ -227,7 +227,7 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
     """
     storage = compat.get_hook_storage(model)
     layers: list[QuantizedLayer] = []
-    weight_users: dict[str, int] = {}
+    weight_users: dict[str, list[str]] = {}
     for node in graph.topological_sort():
         if node.metatype not in compat.WEIGHTED_METATYPES:
             continue
@@ -237,7 +237,7 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
         wq = _quantizer_at(storage, "pre_hooks", node.node_name, 1)
         if wq is None:
             continue  # not quantized (ignored scope)
-        weight_users[consts[1]] = weight_users.get(consts[1], 0) + 1
+        weight_users.setdefault(consts[1], []).append(node.node_name)
         iq = _input_quantizer(graph, storage, node)
         bn = _single_consumer(graph, node)
         if bn is not None and bn.metatype not in compat.BATCH_NORM_METATYPES:
@@ -262,11 +262,12 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
                 residual=residual,
             )
         )
-    shared = sorted(k for k, v in weight_users.items() if v > 1)
+    shared = {k: v for k, v in sorted(weight_users.items()) if len(v) > 1}
     if shared:
+        ops = sorted(n for v in shared.values() for n in v)
         msg = (
-            f"Weights {shared} are used by several operations; layer-wise calibration needs one weight per layer. "
-            "Exclude those operations with nncf.IgnoredScope."
+            f"Weights used by several operations: {shared}; layer-wise calibration needs one weight per layer. "
+            f"Exclude those operations with nncf.IgnoredScope(names={ops})."
         )
         raise ValueError(msg)
     names = {layer.name for layer in layers}
@@ -274,6 +275,21 @@ def find_quantized_layers(model: nn.Module, graph: compat.NNCFGraph) -> list[Qua
         layer.is_first = not _reaches(graph, layer.node, names, upstream=True)
         layer.is_last = not _reaches(graph, layer.node, names, upstream=False)
     return layers
+
+
+def other_weight_quantizers(model: nn.Module, graph: compat.NNCFGraph, layers: Sequence[QuantizedLayer]) -> list[str]:
+    """Operations other than ``layers`` whose constant inputs NNCF quantized (e.g. a transposed conv).
+
+    They keep NNCF's own quantizer: the plan and the calibration cover conv/linear layers only.
+    """
+    storage = compat.get_hook_storage(model)
+    names = {layer.name for layer in layers}
+    return [
+        node.node_name
+        for node in graph.topological_sort()
+        if node.node_name not in names
+        and any(_quantizer_at(storage, "pre_hooks", node.node_name, port) for port in const_inputs(graph, node))
+    ]
 
 
 def batch_norm_eps(node: compat.NNCFNode) -> float | None:

@@ -1,3 +1,5 @@
+import logging
+
 import nncf
 import pytest
 import torch
@@ -131,3 +133,50 @@ def test_no_quantizer_is_separated_when_every_reader_has_the_same_bits(tiny_mode
     for cfg in (PrecisionConfig(8, 8), PrecisionConfig(4, 8)):
         q = nc.quantize(tiny_model, calib_dataset, precision=cfg)
         assert not any(name.startswith("__nncf_hooks.pre_hooks") and "__0." in name for name in _hook_bits(q))
+
+
+class _SharedConv(torch.nn.Module):
+    """One conv applied twice: its weight belongs to two operations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.c(torch.relu(self.c(torch.relu(self.stem(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_weight_used_twice_is_an_error_that_gives_the_ignored_scope(calib_dataset):
+    with pytest.raises(ValueError, match=r"IgnoredScope\(names=\['c/conv2d/0', 'c/conv2d/1'\]\)"):
+        nc.quantize(_SharedConv().eval(), calib_dataset)
+    scope = nncf.IgnoredScope(names=["c/conv2d/0", "c/conv2d/1"])
+    plan = nc.get_plan(nc.quantize(_SharedConv().eval(), calib_dataset, ignored_scope=scope))
+    assert set(plan) == {"stem/conv2d/0", "fc/linear/0"}
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c0 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.c1 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(8, 3, 4, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(torch.relu(self.c1(torch.relu(self.c0(x)))))
+
+
+def test_other_quantized_weights_keep_nncf_8bit_and_are_named(calib_dataset, caplog):
+    with caplog.at_level(logging.WARNING, logger="nncf"):
+        q = nc.quantize(_Decoder().eval(), calib_dataset, precision=PrecisionConfig(4, 4))
+    assert "IgnoredScope(names=['up/conv_transpose2d/0'])" in caplog.text
+    assert set(nc.get_plan(q)) == {"c0/conv2d/0", "c1/conv2d/0"}
+    assert _hook_bits(q)["__nncf_hooks.pre_hooks.up/conv_transpose2d/0__1.0"] == 8
+    caplog.clear()
+    scope = nncf.IgnoredScope(names=["up/conv_transpose2d/0"])
+    with caplog.at_level(logging.WARNING, logger="nncf"):
+        q = nc.quantize(_Decoder().eval(), calib_dataset, precision=PrecisionConfig(4, 4), ignored_scope=scope)
+    assert "not conv/linear" not in caplog.text
+    assert not any("up/" in name for name in _hook_bits(q))
