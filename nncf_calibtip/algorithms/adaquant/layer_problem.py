@@ -68,6 +68,15 @@ def _quantize_input(
     return compat.symmetric_quantize(x, q.levels, q.level_low, q.level_high, range0 * (1 + range_scale), q.eps)
 
 
+#: Most samples per chunk when a whole cached set is evaluated (error, targets, quantized inputs).
+CHUNK_SAMPLES = 256
+#: Most bytes of one per-sample tensor in such a chunk. Each chunk makes several temporaries
+#: of the layer's output size (output, BatchNorm, activation, difference): at 256 samples of a
+#: 256-channel 56x56 map (ResNet-50 at 224 px) each would take 820 MB. Large enough that the
+#: sample models' chunks (32x32 maps and smaller) stay at 256 samples.
+CHUNK_BYTES = 128 * 2**20
+
+
 class LayerProblem:
     """Trainable changes of one layer and the functions AdaQuant needs.
 
@@ -280,17 +289,18 @@ class LayerProblem:
         self,
         x: torch.Tensor,
         y: torch.Tensor,
-        chunk: int = 256,
+        chunk: int | None = None,
         *,
         weight: torch.Tensor | None = None,
         input_quantized: bool = False,
         skip: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Squared error of :meth:`quantized_output` against ``y`` per output channel, summed
-        over ``x`` in chunks of ``chunk`` samples (bounds temporary memory); float64 across
-        chunks. ``weight``, ``input_quantized`` and ``skip`` (all samples') as in
-        :meth:`quantized_output`."""
+        over ``x`` in chunks of ``chunk`` samples (default: :func:`samples_per_chunk`; bounds
+        temporary memory); float64 across chunks. ``weight``, ``input_quantized`` and ``skip``
+        (all samples') as in :meth:`quantized_output`."""
         dim = self.layer.output_channel_dim
+        chunk = chunk or samples_per_chunk(x, y)
         total = None
         for i in range(0, len(x), chunk):
             out = self.quantized_output(
@@ -353,6 +363,14 @@ class LayerProblem:
                 iq.input_low.copy_(self.low0 + self.range0 * self.low_shift)
             compat.store_quantizer_range(iq, new_range)
             compat.put_zero_on_grid(iq)  # as the forward above saw it
+
+
+def samples_per_chunk(*tensors: torch.Tensor | None) -> int:
+    """Samples per chunk when a whole cached set is evaluated: at most :data:`CHUNK_SAMPLES`,
+    and fewer where one sample of any of ``tensors`` (per-sample first dimension) is so large
+    that a chunk of it would exceed :data:`CHUNK_BYTES`."""
+    per_sample = max((t[:1].numel() * t.element_size() for t in tensors if t is not None and len(t)), default=1)
+    return max(1, min(CHUNK_SAMPLES, CHUNK_BYTES // max(per_sample, 1)))
 
 
 def cosine_lr(step: int, total: int) -> float:

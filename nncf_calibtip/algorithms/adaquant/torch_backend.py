@@ -15,16 +15,13 @@ from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant.backend import AdaQuantBackend, LayerReport
 from nncf_calibtip.algorithms.adaquant.config import AdaQuantConfig
 from nncf_calibtip.algorithms.adaquant.gptq_start import gptq_start
-from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem, cosine_lr
+from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem, cosine_lr, samples_per_chunk
 from nncf_calibtip.algorithms.adaquant.range_search import search_input_range, search_weight_scales
 from nncf_calibtip.calibration.capture import capture_input, capture_inputs, quantizers_disabled
 from nncf_calibtip.calibration.fp_reference import fp_reference, remember_fp_state
 from nncf_calibtip.calibration.input_cache import FPInputCache, input_bytes_per_sample
 from nncf_calibtip.calibration.sequential_stream import SequentialInputStream, StreamNotExact, plan_stream
 from nncf_calibtip.quantized_layers import QuantizedLayer, call_op, find_quantized_layers
-
-#: Samples per chunk when evaluating a whole cached set (bounds temporary memory).
-_EVAL_CHUNK = 256
 
 
 @dataclass
@@ -60,8 +57,9 @@ def _through_residual_add(layer: QuantizedLayer, config: AdaQuantConfig) -> bool
 
 def _relative_error(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor, skip: torch.Tensor | None) -> float:
     """``||y_q - y||^2 / ||y||^2`` over a cached set."""
-    ref = sum(float(y[i : i + _EVAL_CHUNK].double().pow(2).sum()) for i in range(0, len(y), _EVAL_CHUNK))
-    return float(problem.channel_errors(x, y, _EVAL_CHUNK, skip=skip).sum()) / max(ref, 1e-30)
+    chunk = samples_per_chunk(x, y)
+    ref = sum(float(y[i : i + chunk].double().pow(2).sum()) for i in range(0, len(y), chunk))
+    return float(problem.channel_errors(x, y, chunk, skip=skip).sum()) / max(ref, 1e-30)
 
 
 class PTAdaQuantBackend(AdaQuantBackend):
@@ -135,7 +133,7 @@ class PTAdaQuantBackend(AdaQuantBackend):
         # Target: the FP layer (with its BatchNorm and activation) on the FP model's input.
         x_fp = session.fp_input(layer)
         with torch.no_grad():
-            y0 = _layer_only_output(layer, session.tensors, x_fp[:_EVAL_CHUNK])
+            y0 = _layer_only_output(layer, session.tensors, x_fp[: samples_per_chunk(x_fp)])
         problem = LayerProblem(layer, session.tensors, config, train_input_range, float(y0.pow(2).mean().sqrt()))
         del y0
         # With a residual add next, the target is the add's output (the block's), and the
@@ -265,13 +263,21 @@ def _rows(t: torch.Tensor | None, index: slice | torch.Tensor) -> torch.Tensor |
 
 @torch.no_grad()
 def _in_chunks(fn: Callable[..., torch.Tensor], x: torch.Tensor, *more: torch.Tensor | None) -> torch.Tensor:
-    """``fn`` over a whole cached set, ``_EVAL_CHUNK`` samples at a time (bounds temporary
-    memory); ``more``: further per-sample arguments (None passes None)."""
-    chunks = []
-    for i in range(0, len(x), _EVAL_CHUNK):
-        rest = [_rows(m, slice(i, i + _EVAL_CHUNK)) for m in more]
-        chunks.append(fn(x[i : i + _EVAL_CHUNK], *rest))
-    return torch.cat(chunks)
+    """``fn`` over a whole cached set in chunks (bounds temporary memory), written into one
+    preallocated result (no second copy from concatenating); ``more``: further per-sample
+    arguments (None passes None). The chunk size follows the larger of input and output."""
+    out: torch.Tensor | None = None
+    i, chunk = 0, samples_per_chunk(x, *more)
+    while i < len(x):
+        rest = [_rows(m, slice(i, i + chunk)) for m in more]
+        y = fn(x[i : i + chunk], *rest)
+        if out is None:
+            out = y.new_empty((len(x), *y.shape[1:]))
+            chunk = samples_per_chunk(x, y, *more)
+        out[i : i + len(y)] = y
+        i += len(y)
+    assert out is not None
+    return out
 
 
 def _layer_only_output(layer: QuantizedLayer, tensors: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:

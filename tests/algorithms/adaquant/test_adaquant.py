@@ -8,6 +8,7 @@ import torch
 import nncf_calibtip as nc
 from nncf_calibtip import compat
 from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
+from nncf_calibtip.plan import LayerPrecision
 from tests.conftest import ResNetBlocks, TinyNet
 
 W4A4 = PrecisionConfig(4, 4, keep_first_last_8bit=False)
@@ -53,20 +54,35 @@ def test_sequential_ends_closer_to_fp_than_parallel(tiny_model, calib_dataset, t
     assert errors["sequential"] < errors["parallel"]
 
 
-def test_loss_after_the_residual_add_brings_the_model_closer_to_fp(calib_dataset, test_data):
+def _block_output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """ResNetBlocks' second block output (the add's, after ReLU), pooled: the head's input."""
+    got = []
+    handle = model.fc.register_forward_pre_hook(lambda _, args: got.append(args[0]))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return got[0]
+
+
+def test_loss_after_the_residual_add_corrects_the_error_the_other_branch_brings(calib_dataset, test_data):
+    # The main branch's last conv (b2) at 2-bit weights brings a large error into the second
+    # add; the shortcut conv, which runs after it, is fitted through the add and so can
+    # correct it, where fitted to its own output it cannot. (At 4 bits everywhere the gain on
+    # a model this small is within what changes with the CPU's float rounding.)
     torch.manual_seed(0)
     model = ResNetBlocks().eval()
-    errors = {}
-    for on in (False, True):
-        errors[on] = 0.0
-        for seed in range(3):  # one seed can go either way on a model this small
+    precision = nc.PrecisionConfig(4, 4, layers={"b2/0/conv2d/0": LayerPrecision(2, 4)})
+    fp = _block_output(model, test_data)
+    for seed in range(2):
+        errors = {}
+        for on in (False, True):
             cfg = nc.AdaQuantConfig(mode="sequential", iters=150, seed=seed, loss_after_residual_add=on)
-            q = nc.quantize(model, calib_dataset, cfg, precision=W4A4)
-            errors[on] += _mse_to_fp(model, q, test_data)
-        at = {r["name"].split("/")[0]: r["loss_after"] for r in nc.get_result(q).reports["adaquant"]}
-        expected = {"a2": "/add/0", "shortcut": "/add/1"} if on else {}
-        assert {k: v for k, v in at.items() if v} == expected
-    assert errors[True] < 0.97 * errors[False]
+            q = nc.quantize(model, calib_dataset, cfg, precision=precision)
+            errors[on] = (_block_output(q, test_data) - fp).pow(2).mean().item()
+            at = {r["name"].split("/")[0]: r["loss_after"] for r in nc.get_result(q).reports["adaquant"]}
+            expected = {"a2": "/add/0", "shortcut": "/add/1"} if on else {}
+            assert {k: v for k, v in at.items() if v} == expected
+        assert errors[True] < 0.6 * errors[False], errors
 
 
 def test_same_seed_same_model_and_callers_model_untouched(tiny_model, calib_dataset, test_data):
