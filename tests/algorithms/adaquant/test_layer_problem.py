@@ -83,3 +83,24 @@ def test_training_mode_batch_norm_is_not_folded():
         func=attrs.func, op_args=tuple(args), op_kwargs=attrs.op_kwargs, constant_port_ids=attrs.constant_port_ids
     )
     assert batch_norm_affine(layer, {p: tensors[n] for p, n in layer.batch_norm_params.items()}) is None
+
+
+def test_chunks_are_bounded_by_bytes_and_give_the_same_result(monkeypatch):
+    from nncf_calibtip.algorithms.adaquant import layer_problem, torch_backend
+
+    # A 256-channel 56x56 map (ResNet-50 at 224 px): 3.2 MB per sample, 41 samples per chunk.
+    big = torch.zeros(1, 256, 56, 56).expand(1000, -1, -1, -1)
+    assert layer_problem.samples_per_chunk(big) == 41
+    assert layer_problem.samples_per_chunk(torch.zeros(300, 16, 32, 32), None) == 256
+    # The first chunk is sized by the input (12 samples of 32 bytes), the rest by the output
+    # (3 samples of 128 bytes); the result equals one pass.
+    monkeypatch.setattr(layer_problem, "CHUNK_BYTES", 3 * 128)
+    x, seen = torch.randn(20, 8), []
+
+    def widen(a: torch.Tensor) -> torch.Tensor:
+        seen.append(len(a))
+        return torch.cat([a, a * 2, a * 3, a * 4], 1)
+
+    out = torch_backend._in_chunks(widen, x)
+    torch.testing.assert_close(out, widen(x), rtol=0, atol=0)
+    assert seen[:-1] == [12, 3, 3, 2]
