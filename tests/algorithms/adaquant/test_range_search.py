@@ -61,3 +61,21 @@ def test_searched_weight_scales_are_grid_points(tiny_model, calib_dataset):
 def test_range_search_samples_validated(n):
     with pytest.raises(ValueError, match="range_search_samples"):
         nc.AdaQuantConfig(range_search_samples=n)
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_searched_input_ranges_put_no_midpoint_on_an_8bit_grid_of_the_same_range(bits):
+    # A layer's low-bit input quantizer often reads the output of the 8-bit one a residual add
+    # shares (same MinMax range). At 0.8 of that range the 8-bit value 34/255 is exactly the
+    # 4-bit midpoint 2.5, so float rounding decides it: torch and OpenVINO then disagree on
+    # many inputs (a ResNet-18 IR moved by 5% of its output range).
+    from nncf_calibtip.algorithms.adaquant.range_search import _fractions
+
+    levels = 2**bits - 1
+    exact = torch.tensor([0.8], dtype=torch.float64)
+    k = torch.arange(256, dtype=torch.float64)[:, None] / 255
+    assert ((k * levels / exact) % 1 - 0.5).abs().min() < 1e-9  # the tie this guards against
+    for f in _fractions():
+        pos = (k * levels / f) % 1
+        if f < 1:
+            assert (pos - 0.5).abs().min() > 1e-5, f
