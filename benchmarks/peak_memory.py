@@ -26,18 +26,16 @@ import torchvision
 import nncf_calibtip as nc
 from nncf_calibtip.algorithms.adaquant import torch_backend
 from nncf_calibtip.evaluation import cpu_description
+from nncf_calibtip.zoo.experiment import peak_rss_mb
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def rss_mb() -> tuple[int, int]:
-    """(resident, peak resident) memory of this process in MB, from /proc (Linux)."""
-    fields = {}
+    """(resident, peak resident) memory of this process in MB; the current one from /proc (Linux)."""
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(("VmRSS", "VmHWM")):
-                fields[line.split(":")[0]] = int(line.split()[1]) // 1024
-    return fields["VmRSS"], fields["VmHWM"]
+        current = next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
+    return current, int(peak_rss_mb())
 
 
 class _Stop(Exception):
