@@ -4,7 +4,7 @@ one where the CPU run would take too long), then scored on the OpenVINO IR where
 
     # where the calibration runs (states and timings go to --states)
     python benchmarks/reference_schedule.py quantize --model efficientnet_lite0 --device cuda \
-        --states out/reference_schedule/efficientnet_lite0
+        --seeds 0 1 2 --states out/reference_schedule/efficientnet_lite0
     # where OpenVINO runs: export, test accuracy, IR size, latency; writes benchmarks/results/<name>.json
     python benchmarks/reference_schedule.py measure --model efficientnet_lite0 \
         --states out/reference_schedule/efficientnet_lite0 --name efficientnet_lite0_reference_schedule
@@ -68,69 +68,88 @@ def _load_state(stem: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _run_name(schedule: str, seed: int) -> str:
+    return schedule if seed == 0 else f"{schedule}_seed{seed}"
+
+
 def quantize(args: argparse.Namespace) -> dict[str, torch.nn.Module]:
-    """Calibrate both schedules; writes the states and ``timings.json``. Returns the models."""
+    """Calibrate each schedule with each seed; writes the states and one ``timings_<run>.json`` per
+    run, so that several processes can share one ``--states`` folder. Returns the models."""
     task = load_task(args.model, with_test=False)
     calib = experiment.calibration_dataset(task.calibration_pool, CALIBRATION_SIZE)
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     args.states.mkdir(parents=True, exist_ok=True)
     # Warm-up, not timed: NNCF compiles and loads its quantize extension on first use.
     nc.quantize(task.model, calib, _config(()))
-    timings, models = {}, {}
-    for name in args.schedules:
-        settings, _ = SCHEDULES[name]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        cfg = nc.AdaQuantConfig(mode="sequential", device=str(device), **settings)
-        models[name] = nc.quantize(task.model, calib, _config((cfg,)))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        timings[name] = {"calib_s": time.perf_counter() - start, "peak_rss_mb": experiment.peak_rss_mb()}
-        _save_state(models[name], args.states / name)
-        print(f"{name}: {timings[name]['calib_s']:.1f} s", flush=True)
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "nncf": nncf.__version__,
         "date": time.strftime("%Y-%m-%d"),
-        "timings": timings,
     }
-    (args.states / "timings.json").write_text(json.dumps(info, indent=2) + "\n")
+    models = {}
+    for seed in args.seeds:
+        for name in args.schedules:
+            settings, _ = SCHEDULES[name]
+            run = _run_name(name, seed)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            cfg = nc.AdaQuantConfig(mode="sequential", device=str(device), seed=seed, **settings)
+            models[run] = nc.quantize(task.model, calib, _config((cfg,)))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            timing = {"calib_s": time.perf_counter() - start, "peak_rss_mb": experiment.peak_rss_mb()}
+            _save_state(models[run], args.states / run)
+            record = {**info, "schedule": name, "seed": seed, "timing": timing}
+            (args.states / f"timings_{run}.json").write_text(json.dumps(record, indent=2) + "\n")
+            print(f"{run}: {timing['calib_s']:.1f} s", flush=True)
     return models
+
+
+def _runs(states: Path) -> list[dict]:
+    """The runs saved in ``states``, default schedule first, then by seed."""
+    runs = [json.loads(f.read_text()) for f in states.glob("timings_*.json")]
+    if not runs:
+        raise SystemExit(f"No timings_*.json in {states}: run the quantize step into that folder first.")
+    return sorted(runs, key=lambda r: (r["seed"], list(SCHEDULES).index(r["schedule"])))
 
 
 def measure(args: argparse.Namespace) -> None:
     """Export the saved states as IR next to the FP32 IR and measure them side by side."""
-    info = json.loads((args.states / "timings.json").read_text())
+    runs = _runs(args.states)
     task = load_task(args.model, with_test=True)
     calib = experiment.calibration_dataset(task.calibration_pool, CALIBRATION_SIZE)
     example = torch.from_numpy(task.calibration_pool[:1])
     shape = [(-1, *example.shape[1:])]
     work = args.states / "ir"
     entries = [{"method": "FP32", "xml": str(experiment.export_fp32(task.model, example, work / "fp32.xml"))}]
-    for name, timing in info["timings"].items():
+    bits = {"weight_bits": BITS[0], "activation_bits": BITS[1]}
+    for run in runs:
+        name = _run_name(run["schedule"], run["seed"])
         # Round-to-nearest builds the same quantizer placement; the saved state fills it in.
         model = nc.quantize(task.model, calib, _config(()))
         model.load_state_dict(_load_state(args.states / name), strict=True)
         xml = work / f"{name}.xml"
         nc.export_openvino(model, example, xml, input_shape=shape)
-        bits = {"weight_bits": BITS[0], "activation_bits": BITS[1]}
-        entries.append({"method": SCHEDULES[name][1], **bits, "xml": str(xml), **timing})
+        method = SCHEDULES[run["schedule"]][1] + (f", seed {run['seed']}" if run["seed"] else "")
+        entries.append({"method": method, **bits, "xml": str(xml), **run["timing"]})
     rows = experiment.measure(entries, task.x_test, task.y_test)
     table = experiment.table(rows, baseline=rows[0].accuracy)
     print(table)
-    calib_s = {r.method: r.calib_s for r in rows[1:]}
+    time_s = {name: sum(r["timing"]["calib_s"] for r in runs if r["schedule"] == name) for name in SCHEDULES}
+    seeds = {name: sorted(r["seed"] for r in runs if r["schedule"] == name) for name in SCHEDULES}
     extra = {
         "command": "python benchmarks/reference_schedule.py " + " ".join(sys.argv[1:]),
         "calibration_samples": CALIBRATION_SIZE,
-        "calibrated_on": {k: v for k, v in info.items() if k != "timings"},
-        "time_ratio_reference_over_default": round(
-            calib_s[SCHEDULES["reference"][1]] / calib_s[SCHEDULES["default"][1]], 2
-        )
-        if len(calib_s) == 2
+        "calibrated_on": {k: runs[0][k] for k in ("device", "torch", "nncf", "date")},
+        "seeds": seeds,
+        # Over the seeds both schedules ran with: the sums of their calibration times.
+        "time_ratio_reference_over_default": round(time_s["reference"] / time_s["default"], 2)
+        if seeds["reference"] and seeds["reference"] == seeds["default"]
         else None,
-        "note": "calib_s and peak_rss_mb: the calibrating machine; accuracy, IR bytes, latency: this one",
+        "note": "calib_s and peak_rss_mb: the calibrating machine; accuracy, IR bytes, latency: this one"
+        + (f"; {args.note}" if args.note else ""),
         "test_samples": int(len(task.y_test)),
         "openvino": __import__("openvino").__version__,
         "date": time.strftime("%Y-%m-%d"),
@@ -148,7 +167,9 @@ def main() -> None:
     p.add_argument("--states", type=Path, required=True, help="folder of the saved states and timings")
     p.add_argument("--device", default="auto", help="quantize: auto, cpu or cuda[:N]")
     p.add_argument("--schedules", nargs="*", default=list(SCHEDULES), choices=list(SCHEDULES))
+    p.add_argument("--seeds", nargs="*", type=int, default=[0], help="quantize: AdaQuant seeds, each schedule")
     p.add_argument("--name", help="measure: results file name")
+    p.add_argument("--note", help="measure: how the runs were made (stored in the JSON's note)")
     args = p.parse_args()
     quantize(args) if args.step == "quantize" else measure(args)
 
