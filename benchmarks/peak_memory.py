@@ -66,6 +66,15 @@ def main() -> None:
         return report
 
     torch_backend.PTAdaQuantBackend.calibrate_layer = measured  # type: ignore[method-assign]
+    # AdaQuant's own forecast (a lower bound, logged before the first layer), for comparison.
+    forecasts: list[Any] = []
+    forecast = torch_backend.forecast_adaquant_memory
+
+    def recorded(*a: Any, **k: Any) -> Any:
+        forecasts.append(forecast(*a, **k))
+        return forecasts[-1]
+
+    torch_backend.forecast_adaquant_memory = recorded  # type: ignore[assignment]
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.arch)(weights=None).eval()
     gen = torch.Generator().manual_seed(0)
@@ -99,6 +108,9 @@ def main() -> None:
         "rss_at_start_mb": start,
         "peak_rss_mb": peak,
         "peak_above_start_per_sample_mb": round(per_sample, 2) if per_sample is not None else None,
+        # The first forecast is the one for the mode that runs (the stream's).
+        "forecast_per_sample_mb": round(forecasts[0].bytes_per_sample / 2**20, 2) if forecasts else None,
+        "forecast_peak_layer": forecasts[0].peak_layer if forecasts else None,
         "seconds": round(seconds, 1),
         "cpu": cpu_description(),
         "torch": torch.__version__,
@@ -106,7 +118,8 @@ def main() -> None:
     }
     print(
         f"{args.arch} {args.size} px, {args.samples} samples, {args.bits}: peak RSS {peak} MB "
-        f"({start} MB at start, {result['peak_above_start_per_sample_mb']} MB per sample above it), {seconds:.0f} s"
+        f"({start} MB at start, {result['peak_above_start_per_sample_mb']} MB per sample above it; forecast "
+        f"{result['forecast_per_sample_mb']} MB per sample at {result['forecast_peak_layer']}), {seconds:.0f} s"
         + (f", stopped before {args.stop_after}" if stopped else "")
     )
     RESULTS.mkdir(exist_ok=True)

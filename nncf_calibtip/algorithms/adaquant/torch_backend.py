@@ -18,8 +18,10 @@ from nncf_calibtip.algorithms.adaquant.gptq_start import gptq_start
 from nncf_calibtip.algorithms.adaquant.layer_problem import LayerProblem, cosine_lr, samples_per_chunk
 from nncf_calibtip.algorithms.adaquant.range_search import search_input_range, search_weight_scales
 from nncf_calibtip.calibration.capture import capture_input, capture_inputs, quantizers_disabled
+from nncf_calibtip.calibration.data import count_samples
 from nncf_calibtip.calibration.fp_reference import fp_reference, remember_fp_state
 from nncf_calibtip.calibration.input_cache import FPInputCache, input_bytes_per_sample
+from nncf_calibtip.calibration.memory_forecast import available_memory, forecast_adaquant_memory, memory_warning
 from nncf_calibtip.calibration.sequential_stream import SequentialInputStream, StreamNotExact, plan_stream
 from nncf_calibtip.quantized_layers import QuantizedLayer, call_op, find_quantized_layers
 
@@ -55,6 +57,36 @@ def _through_residual_add(layer: QuantizedLayer, config: AdaQuantConfig) -> bool
     return layer.residual is not None and config.mode == "sequential" and config.loss_after_residual_add
 
 
+def _check_memory(
+    graph: compat.NNCFGraph,
+    layers: Sequence[QuantizedLayer],
+    items: Sequence[Any],
+    config: AdaQuantConfig,
+    device: torch.device,
+    *,
+    streamed: bool,
+    skips: Sequence[QuantizedLayer],
+) -> None:
+    """Log the calibration data's forecast memory; warn, with the fix, when it cannot fit."""
+    range_steps = config.input_range_steps()
+    kwargs = {
+        "residual_layers": [layer.name for layer in skips],
+        "fp_cache_bytes": config.fp_cache_mb * 2**20,
+        "quantized_input_copy": not config.optimize_activation_range
+        or (range_steps is not None and range_steps < config.iters),
+    }
+    samples = count_samples(items)
+    forecast = forecast_adaquant_memory(graph, layers, samples, streamed=streamed, **kwargs)
+    available = available_memory(device)
+    compat.nncf_logger.info(
+        f"AdaQuant's calibration data: {forecast.describe()}; {available / 2**30:.1f} GiB available on {device.type}"
+    )
+    recompute = forecast_adaquant_memory(graph, layers, samples, streamed=False, **kwargs) if streamed else None
+    warning = memory_warning(forecast, available, recompute)
+    if warning:
+        compat.nncf_logger.warning(warning)
+
+
 def _relative_error(problem: LayerProblem, x: torch.Tensor, y: torch.Tensor, skip: torch.Tensor | None) -> float:
     """``||y_q - y||^2 / ||y||^2`` over a cached set."""
     chunk = samples_per_chunk(x, y)
@@ -88,12 +120,15 @@ class PTAdaQuantBackend(AdaQuantBackend):
         tensors.update(dict(torch_model.named_buffers()))
         stream = None
         skips = [layer for layer in layers if _through_residual_add(layer, config)]
+        plan = None
         if config.mode == "sequential" and config.sequential_inputs == "stream":
             try:
                 plan = plan_stream(graph, layers)
-                stream = SequentialInputStream(torch_model, layers, items, device, plan, skips=skips)
             except StreamNotExact as e:
                 compat.nncf_logger.info(f"AdaQuant recomputes each layer's input ({e}, so inputs cannot be streamed)")
+        _check_memory(graph, layers, items, config, device, streamed=plan is not None, skips=skips)
+        if plan is not None:
+            stream = SequentialInputStream(torch_model, layers, items, device, plan, skips=skips)
         fp_inputs: FPInputCache | SequentialInputStream
         if stream is not None:
             # The FP model's inputs come the same way, in one pass instead of one per window.
