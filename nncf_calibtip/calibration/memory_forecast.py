@@ -65,12 +65,15 @@ class MemoryForecast:
 
 
 def _batch_size(graph: compat.NNCFGraph) -> int:
-    """The traced batch size: the first dimension of the model's (first) input."""
-    for node in graph.get_input_nodes():
-        for edge in graph.get_output_edges(node):
-            if edge.tensor_shape:
-                return max(int(edge.tensor_shape[0]), 1)
-    return 1
+    """The traced batch size: the first dimension of the model's inputs (the largest, should
+    one input not be batched, so that the forecast stays a lower bound)."""
+    dims = [
+        int(edge.tensor_shape[0])
+        for node in graph.get_input_nodes()
+        for edge in graph.get_output_edges(node)
+        if edge.tensor_shape
+    ]
+    return max([*dims, 1])
 
 
 def _numel(shape: Iterable[int]) -> int:
