@@ -40,6 +40,14 @@ from nncf.torch.function_hook import (
 )
 from nncf.torch.function_hook import wrap_model as _nncf_wrap_model
 from nncf.torch.function_hook.graph.graph_utils import TensorMeta
+from nncf.torch.function_hook.handle_inner_functions import get_handle_inner_function
+from nncf.torch.function_hook.hook_executor_mode import (
+    IGNORED_FN_NAMES,
+    FunctionHookMode,
+    OpMeta,
+    generate_normalized_op_name,
+)
+from nncf.torch.function_hook.hook_storage import HookStorage
 from nncf.torch.function_hook.nncf_graph.layer_attributes import PT2OpLayerAttributes
 from nncf.torch.function_hook.nncf_graph.nncf_graph_builder import GraphModelWrapper
 from nncf.torch.function_hook.wrapper import ATR_HOOK_STORAGE
@@ -297,6 +305,12 @@ if not nncf_version_ok():  # pragma: no cover - depends on the environment
     )
 
 __all__ = [
+    "get_handle_inner_function",
+    "generate_normalized_op_name",
+    "OpMeta",
+    "HookStorage",
+    "FunctionHookMode",
+    "IGNORED_FN_NAMES",
     "ACTIVATION_METATYPES",
     "ADD_METATYPE",
     "Algorithm",

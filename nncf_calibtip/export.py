@@ -25,6 +25,7 @@ from torch import nn
 
 from nncf_calibtip import compat
 from nncf_calibtip.calibration.fp_reference import copy_without_fp_state
+from nncf_calibtip.export_trace import trace_as_in_eager_mode
 from nncf_calibtip.placement import get_plan
 from nncf_calibtip.plan import PrecisionPlan
 from nncf_calibtip.quantized_layers import find_quantized_layers
@@ -205,7 +206,7 @@ def export_openvino(
         # torch.jit.trace re-runs the model to check the trace; fake quantization makes that
         # check report rounding-boundary differences that are not errors.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        ov_model = ov.convert_model(model, **kwargs)
+        ov_model = trace_as_in_eager_mode(model, example_input, lambda: ov.convert_model(model, **kwargs))
     _atomic_save(ov_model, xml, compress_to_fp16)
     plan = get_plan(model)
     plan_json = None

@@ -16,6 +16,7 @@ import copy
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+import nncf
 import torch
 
 from nncf_calibtip import compat
@@ -36,6 +37,7 @@ DEFAULT_ACTIVATION_BITS = 8
 
 OverflowFixMode = Literal["enable", "first_layer", "disable"]
 WeightScheme = Literal["symmetric", "asymmetric"]
+ModelTypeName = Literal["transformer"]
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ class PrecisionConfig:
         of convs and linears only. False: the shared quantizer takes the widest bits of the
         layers reading it, and every other reader shares them (a W4A4 ResNet's residual
         stream is then 4-bit).
+    :param model_type: ``"transformer"``: NNCF's placement for transformers, as
+        ``nncf.quantize(model_type=nncf.ModelType.TRANSFORMER)``: the operations NNCF leaves
+        in FP there (additions and the like, LayerNorm's inputs and parameters, embeddings)
+        keep their FP values, so that linears and matmuls carry the quantization. None: NNCF's
+        placement for convolutional networks.
     """
 
     weight_bits: int = 8
@@ -77,6 +84,7 @@ class PrecisionConfig:
     layers: dict[str, LayerPrecision] = field(default_factory=dict)
     separate_low_bit_inputs: bool = True
     low_bit_weights: WeightScheme = "asymmetric"
+    model_type: ModelTypeName | None = None
 
     def __post_init__(self) -> None:
         if self.weight_bits not in WEIGHT_BITS:
@@ -90,6 +98,9 @@ class PrecisionConfig:
             raise ValueError(msg)
         if self.low_bit_weights not in ("symmetric", "asymmetric"):
             msg = f"low_bit_weights={self.low_bit_weights!r} is not one of 'symmetric', 'asymmetric'."
+            raise ValueError(msg)
+        if self.model_type not in (None, "transformer"):
+            msg = f"model_type={self.model_type!r} is not supported; use 'transformer' or None."
             raise ValueError(msg)
         fixed = {}
         for name, p in self.layers.items():
@@ -123,6 +134,7 @@ def min_max_algorithm(
         batchwise_statistics=True,
         activations_range_estimator_params=compat.RangeEstimatorParametersSet.MEAN_MINMAX,
         weights_range_estimator_params=compat.RangeEstimatorParametersSet.MINMAX,
+        model_type=nncf.ModelType.TRANSFORMER if config.model_type == "transformer" else None,
     )
 
 

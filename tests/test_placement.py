@@ -90,7 +90,14 @@ def test_asymmetric_low_bit_weights_fit_the_weights_closer(tiny_model, calib_dat
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"weight_bits": 3}, {"activation_bits": 2}, {"overflow_fix": "always"}, {"low_bit_weights": "signed"}]
+    "kwargs",
+    [
+        {"weight_bits": 3},
+        {"activation_bits": 2},
+        {"overflow_fix": "always"},
+        {"low_bit_weights": "signed"},
+        {"model_type": "cnn"},
+    ],
 )
 def test_precision_config_validation(kwargs):
     with pytest.raises(ValueError):
@@ -180,3 +187,30 @@ def test_other_quantized_weights_keep_nncf_8bit_and_are_named(calib_dataset, cap
         q = nc.quantize(_Decoder().eval(), calib_dataset, precision=PrecisionConfig(4, 4), ignored_scope=scope)
     assert "not conv/linear" not in caplog.text
     assert not any("up/" in name for name in _hook_bits(q))
+
+
+class _Encoder(torch.nn.Module):
+    """A transformer encoder layer and a linear head: the additions and LayerNorms NNCF's
+    transformer placement leaves in FP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(8, 32)
+        self.block = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(x)).mean(1))
+
+
+def test_transformer_model_type_quantizes_fewer_activations_and_keeps_the_plan():
+    torch.manual_seed(0)
+    x = torch.randn(32, 6, 8)
+    model = _Encoder().eval()
+    dataset = nncf.Dataset(list(x.split(8)))
+    default = nc.quantize(model, dataset, precision=PrecisionConfig(8, 8))
+    transformer = nc.quantize(model, dataset, precision=PrecisionConfig(8, 8, model_type="transformer"))
+    assert len(_hook_bits(transformer)) < len(_hook_bits(default))
+    assert nc.get_result(transformer).plan.keys() == nc.get_result(default).plan.keys()
+    config = nc.QuantizationConfig(precision=PrecisionConfig(4, 8, model_type="transformer"))
+    assert nc.QuantizationConfig.from_dict(config.to_dict()) == config
