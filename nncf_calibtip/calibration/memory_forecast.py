@@ -20,6 +20,7 @@ large, which is where memory runs out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ import psutil
 import torch
 
 from nncf_calibtip import compat
+from nncf_calibtip.calibration.input_cache import input_bytes_per_sample
 from nncf_calibtip.quantized_layers import QuantizedLayer
 
 #: Bytes per element of the activations (NNCF's graph does not record the float width).
@@ -76,13 +78,6 @@ def _batch_size(graph: compat.NNCFGraph) -> int:
     return max([*dims, 1])
 
 
-def _numel(shape: Iterable[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 def _activation_tensors(graph: compat.NNCFGraph) -> dict[tuple[int, int], tuple[int, int]]:
     """Every tensor that carries calibration data: ``(node id, output port) -> (bytes of
     the traced batch, id of its last consumer)``. Data tensors are those reachable from the
@@ -99,7 +94,7 @@ def _activation_tensors(graph: compat.NNCFGraph) -> dict[tuple[int, int], tuple[
     for nid in data_nodes:
         for edge in graph.get_output_edges(graph.get_node_by_id(nid)):
             key = (nid, edge.output_port_id)
-            size = _numel(edge.tensor_shape) * ELEMENT_BYTES
+            size = math.prod(int(d) for d in edge.tensor_shape) * ELEMENT_BYTES
             _, last = tensors.get(key, (size, nid))
             tensors[key] = (size, max(last, edge.to_node.node_id))
     return tensors
@@ -132,7 +127,7 @@ def _live_bytes(tensors: dict[tuple[int, int], tuple[int, int]], before: int) ->
 
 def _output_bytes(graph: compat.NNCFGraph, node: compat.NNCFNode) -> int:
     edges = graph.get_output_edges(node)
-    return _numel(edges[0].tensor_shape) * ELEMENT_BYTES if edges else 0
+    return math.prod(int(d) for d in edges[0].tensor_shape) * ELEMENT_BYTES if edges else 0
 
 
 def forecast_adaquant_memory(
@@ -166,17 +161,16 @@ def forecast_adaquant_memory(
     best = (-1, "")
     for layer in layers:
         nid = layer.node.node_id
-        x = _numel(layer.node.layer_attributes.op_args[0].shape) * ELEMENT_BYTES
         y = _output_bytes(graph, layer.node)
         # Inputs as captured, the same quantized once the range is fixed, the targets, and
         # for a residual add its other operand (recorded by the stream, then gathered).
         copies = 2 if quantized_input_copy and layer.input_quantizer is not None else 1
-        cached = copies * x + y + (2 * y if layer.name in residual else 0)
+        traced = y + (2 * y if layer.name in residual else 0)
         if streamed:
-            cached += _live_bytes(tensors, nid) + _live_bytes(fp_tensors, nid)
-        best = max(best, (cached, layer.name))
-    per_sample = -(-best[0] // batch)
-    return MemoryForecast(per_sample, samples, best[1], 0 if streamed else fp_cache_bytes)
+            traced += _live_bytes(tensors, nid) + _live_bytes(fp_tensors, nid)
+        per_sample = copies * input_bytes_per_sample(layer.node) + -(-traced // batch)
+        best = max(best, (per_sample, layer.name))
+    return MemoryForecast(best[0], samples, best[1], 0 if streamed else fp_cache_bytes)
 
 
 def memory_warning(

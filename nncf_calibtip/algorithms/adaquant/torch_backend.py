@@ -81,6 +81,8 @@ def _check_memory(
     compat.nncf_logger.info(
         f"AdaQuant's calibration data: {forecast.describe()}; {available / 2**30:.1f} GiB available on {device.type}"
     )
+    if forecast.total_bytes <= available:
+        return
     recompute = forecast_adaquant_memory(graph, layers, samples, streamed=False, **kwargs) if streamed else None
     warning = memory_warning(forecast, available, recompute)
     if warning:
