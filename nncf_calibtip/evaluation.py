@@ -39,10 +39,14 @@ def predict(compiled: ov.CompiledModel, x: np.ndarray, batch_size: int = 250) ->
     return np.concatenate(outs)
 
 
+def ir_top1(xml: str | Path, x: np.ndarray, batch_size: int = 250) -> np.ndarray:
+    """The class an IR predicts for each sample of ``x``."""
+    return predict(compile_ir(xml), x, batch_size).argmax(1)
+
+
 def ir_accuracy(xml: str | Path, x: np.ndarray, y: np.ndarray, batch_size: int = 250) -> float:
     """Top-1 accuracy of an IR on labelled held-out data (``x`` inputs, ``y`` class ids)."""
-    logits = predict(compile_ir(xml), x, batch_size)
-    return float((logits.argmax(1) == y).mean())
+    return float((ir_top1(xml, x, batch_size) == y).mean())
 
 
 def latencies_ms(

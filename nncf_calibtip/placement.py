@@ -281,7 +281,12 @@ class PrecisionSetup(compat.Algorithm):
         torch_model = compat.unwrap(model)
         layers = find_quantized_layers(torch_model, graph)
         if not layers:
-            msg = "No quantized conv/linear layers found: run NNCF MinMax quantization before PrecisionSetup."
+            msg = (
+                "No quantized conv/linear layers found: NNCF MinMax put no weight quantizer on a Conv or "
+                "Linear layer (the model has none, or the ignored scope excludes them all), so there is "
+                "nothing to calibrate. Quantize such a model with nncf.quantize; in a Pipeline of your "
+                "own, run NNCF MinMax quantization before PrecisionSetup."
+            )
             raise ValueError(msg)
         plan = self.plan if self.plan is not None else default_plan(layers, self.config)
         missing = sorted({layer.name for layer in layers} - set(plan))

@@ -164,6 +164,14 @@ def test_a_weight_used_twice_is_an_error_that_gives_the_ignored_scope(calib_data
     assert set(plan) == {"stem/conv2d/0", "fc/linear/0"}
 
 
+def test_a_model_without_conv_or_linear_layers_is_an_error_that_says_so(calib_dataset):
+    with pytest.raises(ValueError, match="no weight quantizer on a Conv or Linear layer.*nncf.quantize"):
+        nc.quantize(torch.nn.Sequential(torch.nn.ReLU()).eval(), calib_dataset)
+    everything = nncf.IgnoredScope(names=["stem/conv2d/0", "c/conv2d/0", "c/conv2d/1", "fc/linear/0"])
+    with pytest.raises(ValueError, match="ignored scope excludes them all"):
+        nc.quantize(_SharedConv().eval(), calib_dataset, ignored_scope=everything)
+
+
 class _Decoder(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -59,6 +59,10 @@ class Row:
     latency_ms: float
     calib_s: float
     peak_rss_mb: float
+    #: Share of the held-out samples on which the row's IR predicts the FP32 IR's class (None
+    #: when the rows have no FP32 row). Unlike the accuracy delta, it does not net out the
+    #: predictions quantization breaks against those it happens to fix.
+    fp32_agreement: float | None = None
     xml: str = ""
 
     def public(self) -> dict[str, Any]:
@@ -73,21 +77,25 @@ def measure(
     """Accuracy, size and (side-by-side) latency of several IRs.
 
     :param entries: dicts with ``method``, ``weight_bits``, ``activation_bits``, ``xml``,
-        ``calib_s``, ``peak_rss_mb``.
+        ``calib_s``, ``peak_rss_mb``; the one whose method is ``"FP32"`` (if any) is the
+        reference of every row's ``fp32_agreement``.
     """
     lat = evaluation.latencies_ms([e["xml"] for e in entries], x_test[:1], rounds=latency_rounds)
+    predicted = [evaluation.ir_top1(e["xml"], x_test) for e in entries]
+    fp32 = next((p for e, p in zip(entries, predicted, strict=True) if e["method"] == "FP32"), None)
     rows = []
-    for e, times in zip(entries, lat, strict=False):
+    for e, times, pred in zip(entries, lat, predicted, strict=True):
         rows.append(
             Row(
                 method=e["method"],
                 weight_bits=e.get("weight_bits"),
                 activation_bits=e.get("activation_bits"),
-                accuracy=round(evaluation.ir_accuracy(e["xml"], x_test, y_test), 5),
+                accuracy=round(float((pred == y_test).mean()), 5),
                 weight_bytes=evaluation.weight_bytes(e["xml"]),
                 latency_ms=round(evaluation.median(times), 4),
                 calib_s=round(float(e.get("calib_s", 0.0)), 2),
                 peak_rss_mb=round(float(e.get("peak_rss_mb", 0.0)), 1),
+                fp32_agreement=None if fp32 is None else round(float((pred == fp32).mean()), 5),
                 xml=str(e["xml"]),
             )
         )
@@ -96,13 +104,17 @@ def measure(
 
 def table(rows: Sequence[Row], baseline: float | None = None) -> str:
     """A Markdown table of ``rows``; ``baseline`` (FP32 accuracy) adds a delta column."""
-    head = "| method | W | A | accuracy % | delta pt | IR bytes | latency ms | calib s | peak RSS MB |"
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    head = (
+        "| method | W | A | accuracy % | delta pt | agrees with FP32 % | IR bytes | latency ms | calib s "
+        "| peak RSS MB |"
+    )
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         delta = f"{100 * (r.accuracy - baseline):+.2f}" if baseline is not None else ""
+        agreement = f"{100 * r.fp32_agreement:.2f}" if r.fp32_agreement is not None else ""
         lines.append(
             f"| {r.method} | {r.weight_bits or '-'} | {r.activation_bits or '-'} | {100 * r.accuracy:.2f} | {delta} "
-            f"| {r.weight_bytes:,} | {r.latency_ms:.3f} | {r.calib_s:.1f} | {r.peak_rss_mb:.0f} |"
+            f"| {agreement} | {r.weight_bytes:,} | {r.latency_ms:.3f} | {r.calib_s:.1f} | {r.peak_rss_mb:.0f} |"
         )
     return "\n".join(lines)
 
