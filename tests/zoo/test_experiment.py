@@ -1,4 +1,3 @@
-import numpy as np
 import torch
 
 from nncf_calibtip.zoo import experiment
