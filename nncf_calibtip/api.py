@@ -18,7 +18,7 @@ from nncf_calibtip.algorithms.bn_tuning import BNTuning, BNTuningConfig
 from nncf_calibtip.calibration.data import check_item_call, check_item_device, inference_items
 from nncf_calibtip.calibration.fp_reference import remember_fp_state
 from nncf_calibtip.config_schema import validate_quantization_config
-from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm
+from nncf_calibtip.placement import PrecisionConfig, PrecisionSetup, min_max_algorithm, smooth_quant_algorithm
 from nncf_calibtip.plan import PrecisionPlan
 
 #: Configs of the algorithms that run after placement.
@@ -164,7 +164,8 @@ def build_pipeline(
     plan: PrecisionPlan | None = None,
     min_max_subset_size: int | None = None,
 ) -> tuple[DatasetPipeline, list[compat.Algorithm]]:
-    """The NNCF pipeline for ``config``: MinMax, PrecisionSetup, then the algorithms.
+    """The NNCF pipeline for ``config``: SmoothQuant (where the precision config asks for it),
+    MinMax, PrecisionSetup, then the algorithms.
 
     :param min_max_subset_size: NNCF ``subset_size`` for MinMax (default ``config.subset_size``).
     """
@@ -173,7 +174,9 @@ def build_pipeline(
     for a in config.algorithms:
         algorithms.append(ALGORITHM_CLASSES[type(a)](a))
     subset = min_max_subset_size or config.subset_size
-    steps = [[min_max_algorithm(config.precision, subset, ignored_scope)], [setup]]
+    smooth_quant = smooth_quant_algorithm(config.precision, subset)
+    steps = [[smooth_quant]] if smooth_quant is not None else []
+    steps += [[min_max_algorithm(config.precision, subset, ignored_scope)], [setup]]
     steps += [[a] for a in algorithms[1:]]
     return DatasetPipeline(steps), algorithms
 

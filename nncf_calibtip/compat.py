@@ -31,6 +31,7 @@ from nncf.quantization.advanced_parameters import OverflowFix
 from nncf.quantization.algorithms.algorithm import Algorithm
 from nncf.quantization.algorithms.min_max.algorithm import MinMaxQuantization
 from nncf.quantization.algorithms.pipeline import Pipeline
+from nncf.quantization.algorithms.smooth_quant.algorithm import SmoothQuant
 from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 from nncf.torch.function_hook import (
     get_hook_storage,
@@ -334,6 +335,7 @@ __all__ = [
     "QuantizationPreset",
     "QuantizationScheme",
     "RangeEstimatorParametersSet",
+    "SmoothQuant",
     "StatisticPointsContainer",
     "SymmetricQuantizer",
     "TESTED_NNCF_MINOR",

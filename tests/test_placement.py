@@ -6,6 +6,7 @@ import torch
 
 import nncf_calibtip as nc
 from nncf_calibtip import compat
+from nncf_calibtip.evaluation import compile_ir
 from nncf_calibtip.placement import MIN_WEIGHT_SCALE, PrecisionConfig
 from nncf_calibtip.plan import LayerPrecision
 from nncf_calibtip.quantized_layers import find_quantized_layers
@@ -97,6 +98,8 @@ def test_asymmetric_low_bit_weights_fit_the_weights_closer(tiny_model, calib_dat
         {"overflow_fix": "always"},
         {"low_bit_weights": "signed"},
         {"model_type": "cnn"},
+        {"smooth_quant_alpha": 1.5},
+        {"smooth_quant_alpha": -1.0},
     ],
 )
 def test_precision_config_validation(kwargs):
@@ -222,3 +225,49 @@ def test_transformer_model_type_quantizes_fewer_activations_and_keeps_the_plan()
     assert nc.get_result(transformer).plan.keys() == nc.get_result(default).plan.keys()
     config = nc.QuantizationConfig(precision=PrecisionConfig(4, 8, model_type="transformer"))
     assert nc.QuantizationConfig.from_dict(config.to_dict()) == config
+
+
+class _OutlierMLP(torch.nn.Module):
+    """Linear layers whose middle input has a few channels 50x larger than the rest, as the
+    activations of large transformers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(16, 64)
+        self.fc2 = torch.nn.Linear(64, 64)
+        self.fc3 = torch.nn.Linear(64, 4)
+        self.register_buffer("gain", torch.ones(64))
+        self.gain[:3] = 50.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(self.fc1(x) * self.gain)))
+
+
+def test_smooth_quant_moves_activation_outliers_into_the_weights(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    model = _OutlierMLP().eval()
+    dataset = nncf.Dataset(list(x.split(32)))
+    with torch.no_grad():
+        fp = model(x)
+
+    def quantized(alpha, algorithms=()):
+        precision = PrecisionConfig(8, 8, keep_first_last_8bit=False, smooth_quant_alpha=alpha)
+        config = nc.QuantizationConfig(precision=precision, algorithms=algorithms, subset_size=256)
+        return nc.quantize(model, dataset, config)
+
+    plain, smoothed = quantized(None), quantized(0.95)
+    with torch.no_grad():
+        error_plain = (plain(x) - fp).pow(2).mean()
+        error_smoothed = (smoothed(x) - fp).pow(2).mean()
+    assert error_smoothed < 0.5 * error_plain
+    assert not torch.equal(compat.unwrap(smoothed).fc2.weight, model.fc2.weight)  # scaled, caller's model kept
+    fitted = quantized(0.95, (nc.AdaQuantConfig(iters=20, batch_size=32),))
+    reports = nc.get_result(fitted).reports["adaquant"]
+    assert sum(r["error_after"] for r in reports) < sum(r["error_before"] for r in reports)
+    exported = nc.export_openvino(fitted, x[:1], tmp_path / "m.xml", input_shape=[(-1, 16)])
+    assert nc.check_ir_against_plan(exported, nc.get_result(fitted).plan) == []
+    with torch.no_grad():
+        torch_out = fitted(x[:64]).numpy()
+    ov_out = compile_ir(exported.xml)(x[:64].numpy())[0]
+    assert abs(ov_out - torch_out).max() < 1e-3 * abs(torch_out).max()
