@@ -14,7 +14,8 @@ same way. Each variant prints a line:
 ``nncf``: ``nncf.quantize(model_type=TRANSFORMER)`` (``sq=-1`` switches its SmoothQuant off);
 ``rtn`` / ``aq``: ``nncf_calibtip.quantize`` with ``PrecisionConfig(model_type="transformer")``
 at the given bits, round-to-nearest or sequential AdaQuant (``iters=50``); options after a
-comma: ``sq=ALPHA`` (``smooth_quant_alpha``), ``ovf=enable|first_layer|disable``.
+comma: ``sq=ALPHA`` (``smooth_quant_alpha``), ``ovf=enable|first_layer|disable``, and
+``bias=cosine|mse`` (bias tuning with that loss afterwards, ``nncf_calibtip.refine``).
 """
 
 from __future__ import annotations
@@ -115,7 +116,10 @@ def quantize(variant: str, model: torch.nn.Module, dataset: nncf.Dataset, sample
     )
     algorithms = (nc.AdaQuantConfig(iters=50),) if kind == "aq" else ()
     config = nc.QuantizationConfig(precision=precision, algorithms=algorithms, subset_size=samples)
-    return nc.quantize(model, dataset, config, ignored_scope=scope)
+    quantized = nc.quantize(model, dataset, config, ignored_scope=scope)
+    if "bias" in fields:
+        quantized = nc.refine(quantized, dataset, nc.BiasTuningConfig(loss=fields["bias"], subset_size=samples))
+    return quantized
 
 
 def main() -> None:

@@ -20,8 +20,10 @@ class BiasTuningConfig(ConfigMixin):
     model's on unlabeled calibration data. Labels are never read.
 
     :param loss: ``"kl"``: KL divergence from the FP model's softmax to the quantized model's
-        (classifiers); ``"mse"`` or ``"cosine"``: distance to the FP output (embeddings,
-        regression, any output that is not a distribution).
+        (classifiers); ``"mse"`` (relative to the FP output's mean square over the
+        calibration set, so that ``lr`` does not depend on the output's scale) or
+        ``"cosine"``: distance to the FP output (embeddings, regression, any output that is
+        not a distribution).
     :param steps: Optimiser steps. The reference used 800 at a constant learning rate; 200
         with cosine decay reached a lower held-out KL in a quarter of the time on the ResNet-20
         sample (measured when this default was set).

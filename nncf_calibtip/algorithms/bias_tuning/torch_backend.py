@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -39,6 +40,12 @@ def per_sample_loss(kind: str, temperature: float = 1.0) -> Callable[[torch.Tens
         return lambda q, t: 1 - F.cosine_similarity(q.flatten(1), t.flatten(1), dim=1)
     msg = f"Unknown loss {kind!r}."
     raise ValueError(msg)
+
+
+def _scaled(
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: float, q: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    return loss(q, t) / scale
 
 
 #: A held-out change counts when it exceeds this many standard errors of the paired per-sample
@@ -181,6 +188,11 @@ class PTBiasTuningBackend(BiasTuningBackend):
             targets = torch.cat([_output(fp, b) for b in samples.chunks(0, n)])
         del fp
         sample_loss = per_sample_loss(config.loss, config.temperature)
+        if config.loss == "mse":
+            # Relative to the FP output's mean square: the learning rate then means the same
+            # for outputs of any scale (normalised embeddings have a mean square of 1/dim).
+            scale = float(targets.double().pow(2).mean()) or 1.0
+            sample_loss = functools.partial(_scaled, sample_loss, scale)
         hold_start = n_train if n_hold else 0
         unit = samples.pool is not None
 

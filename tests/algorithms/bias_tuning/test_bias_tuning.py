@@ -121,6 +121,25 @@ def test_embedding_losses_bring_outputs_closer(calib_dataset, test_data, loss):
         assert (tuned(test_data) - ref).pow(2).mean() < (rtn(test_data) - ref).pow(2).mean()
 
 
+class _Scaled(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, factor: float) -> None:
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.factor
+
+
+def test_mse_loss_learns_at_the_default_rate_whatever_the_output_scale(calib_dataset, test_data):
+    torch.manual_seed(0)
+    model = _Scaled(Embedder(), 1e-3).eval()  # outputs of about 1e-3, as normalised embeddings
+    rtn = nc.quantize(model, calib_dataset, precision=W4A4)
+    tuned = nc.quantize(model, calib_dataset, nc.BiasTuningConfig(loss="mse", steps=150), precision=W4A4)
+    with torch.no_grad():
+        ref = model(test_data)
+        assert (tuned(test_data) - ref).pow(2).mean() < 0.8 * (rtn(test_data) - ref).pow(2).mean()
+
+
 def test_inputs_only_dataset_and_no_labels_read(tiny_model, calib_data, test_data):
     """Items carry a label the transform drops; touching it would raise."""
 
