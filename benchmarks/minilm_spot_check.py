@@ -94,16 +94,14 @@ def quantize(variant: str, model: torch.nn.Module, dataset: nncf.Dataset, sample
     bits = next((item for item in rest.split(",") if item.startswith("W")), "W8A8")
     scope = nncf.IgnoredScope(patterns=[".*pooler.*"])  # BertModel runs it; mean pooling does not read it
     if kind == "nncf":
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
-
-        sq = AdvancedSmoothQuantParameters(matmul=float(fields.get("sq", 0.95)))
+        sq = nncf.AdvancedSmoothQuantParameters(matmul=float(fields.get("sq", 0.95)))
         return nncf.quantize(
             model,
             dataset,
             model_type=nncf.ModelType.TRANSFORMER,
             subset_size=samples,
             ignored_scope=scope,
-            advanced_parameters=AdvancedQuantizationParameters(smooth_quant_alphas=sq),
+            advanced_parameters=nncf.AdvancedQuantizationParameters(smooth_quant_alphas=sq),
         )
     if kind not in ("rtn", "aq"):
         raise SystemExit(f"unknown variant {variant!r}: use nncf, rtn:<bits> or aq:<bits>")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -23,8 +22,11 @@ from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers
 _EVAL_CHUNK = 256
 
 
-def per_sample_loss(kind: str, temperature: float = 1.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The distance of each sample's quantized output ``q`` to its FP output ``t`` (batched)."""
+def per_sample_loss(
+    kind: str, temperature: float = 1.0, scale: float = 1.0
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The distance of each sample's quantized output ``q`` to its FP output ``t`` (batched);
+    ``scale`` divides the MSE."""
     if kind == "kl":
 
         def kl(q: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -35,17 +37,11 @@ def per_sample_loss(kind: str, temperature: float = 1.0) -> Callable[[torch.Tens
 
         return kl
     if kind == "mse":
-        return lambda q, t: (q - t).pow(2).flatten(1).mean(1)
+        return lambda q, t: (q - t).pow(2).flatten(1).mean(1) / scale
     if kind == "cosine":
         return lambda q, t: 1 - F.cosine_similarity(q.flatten(1), t.flatten(1), dim=1)
     msg = f"Unknown loss {kind!r}."
     raise ValueError(msg)
-
-
-def _scaled(
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scale: float, q: torch.Tensor, t: torch.Tensor
-) -> torch.Tensor:
-    return loss(q, t) / scale
 
 
 #: A held-out change counts when it exceeds this many standard errors of the paired per-sample
@@ -187,12 +183,10 @@ class PTBiasTuningBackend(BiasTuningBackend):
         with torch.no_grad():
             targets = torch.cat([_output(fp, b) for b in samples.chunks(0, n)])
         del fp
-        sample_loss = per_sample_loss(config.loss, config.temperature)
-        if config.loss == "mse":
-            # Relative to the FP output's mean square: the learning rate then means the same
-            # for outputs of any scale (normalised embeddings have a mean square of 1/dim).
-            scale = float(targets.double().pow(2).mean()) or 1.0
-            sample_loss = functools.partial(_scaled, sample_loss, scale)
+        # The MSE is relative to the FP output's mean square: the learning rate then means the
+        # same for outputs of any scale (normalised embeddings have a mean square of 1/dim).
+        scale = (float(targets.double().pow(2).mean()) or 1.0) if config.loss == "mse" else 1.0
+        sample_loss = per_sample_loss(config.loss, config.temperature, scale)
         hold_start = n_train if n_hold else 0
         unit = samples.pool is not None
 
