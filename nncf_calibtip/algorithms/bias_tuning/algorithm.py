@@ -19,7 +19,7 @@ def _put_back_reason(report: BiasTuningReport, cfg: BiasTuningConfig) -> str:
     if not math.isfinite(report.change_stderr):
         return "non-finite held-out loss"
     if cfg.put_back == "unless_better":
-        return "not lower by more than two standard errors"
+        return "neither the mean lower by more than two standard errors nor the samples lower by the signed-rank test"
     return "higher by more than two standard errors"
 
 
@@ -87,7 +87,8 @@ class BiasTuning(StreamingAlgorithm):
         self.calibration_seconds = time.perf_counter() - start
         compat.nncf_logger.info(
             f"Bias tuning done in {self.calibration_seconds:.1f} s: held-out {cfg.loss} "
-            f"{report.loss_before:.5g} -> {report.loss_tuned:.5g} (+-{report.change_stderr:.2g})"
+            f"{report.loss_before:.5g} -> {report.loss_tuned:.5g} (+-{report.change_stderr:.2g}; "
+            f"lower on {report.held_out_lower} of {report.held_out} samples, signed-rank p {report.change_p_lower:.2g})"
             + ("" if report.kept else f": {_put_back_reason(report, cfg)}, biases put back")
         )
         return model

@@ -24,6 +24,9 @@ class BiasTuningReport:
     :param kept: False when the biases were put back (see ``BiasTuningConfig.put_back``).
     :param loss_tuned: The held-out loss the tuned biases reached, kept or not.
     :param change_stderr: Standard error of the held-out loss change (0 without held-out samples).
+    :param change_p_lower: One-sided p-value of the signed-rank test that the held-out samples'
+        losses fell (1 without held-out samples).
+    :param held_out_lower: Held-out samples whose loss fell.
     """
 
     loss: str
@@ -35,6 +38,8 @@ class BiasTuningReport:
     kept: bool
     loss_tuned: float
     change_stderr: float
+    change_p_lower: float
+    held_out_lower: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -47,14 +47,19 @@ class BiasTuningConfig(ConfigMixin):
         the loss before and after and to decide whether the tuned biases stay (``put_back``).
         With 0 nothing is held out, the figures are on the training samples, and the biases
         always stay.
-    :param put_back: When the tuned biases are put back, judged by the held-out loss against
-        two standard errors of its paired per-sample change: ``"unless_better"`` keeps them
-        only when that loss fell by more (the tuning measurably helped); ``"if_worse"`` puts
-        them back only when it rose by more (a failure such as a diverging learning rate);
-        ``"never"`` keeps them. A non-finite held-out loss puts them back under every rule.
-        ``"unless_better"`` because after sequential AdaQuant the tuning lowered the KL within
-        its noise yet cost top-1 agreement on unseen images on both sample models, while after
-        round-to-nearest it helps far beyond the noise.
+    :param put_back: When the tuned biases are put back, judged by the paired per-sample change
+        of the held-out loss: ``"unless_better"`` keeps them only when the tuning measurably
+        helped, that is when the mean loss fell by more than two standard errors, or when the
+        Wilcoxon signed-rank test finds the samples' losses lower (one-sided p < 0.05) and the
+        mean did not rise by more than two standard errors; ``"if_worse"`` puts them back only
+        when the mean rose by more than two standard errors (a failure such as a diverging
+        learning rate); ``"never"`` keeps them. A non-finite held-out loss puts them back under
+        every rule. ``"unless_better"`` because after sequential AdaQuant the tuning lowered the
+        KL within its noise yet cost top-1 agreement on unseen images on both sample models,
+        while after round-to-nearest it helps far beyond the noise. The signed-rank test is
+        there because the per-sample KL is heavy-tailed: after round-to-nearest + BN tuning on
+        the ResNet sample (W4A4) the mean held-out KL did not move while 62 of 102 samples came
+        closer (p 0.003), and on 2,048 unseen images the tuning lowered the KL by 19%.
     :param subset_size: Calibration samples used at most.
     :param seed: Seed of the mini-batch sampling; the same seed gives the same model.
     :param device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:N]"``.

@@ -13,7 +13,8 @@ from torch import nn
 from nncf_calibtip import compat
 from nncf_calibtip.algorithms.adaquant.layer_problem import cosine_lr
 from nncf_calibtip.algorithms.bias_tuning.backend import BiasTuningBackend, BiasTuningReport
-from nncf_calibtip.algorithms.bias_tuning.config import BiasTuningConfig, PutBackRule
+from nncf_calibtip.algorithms.bias_tuning.config import BiasTuningConfig
+from nncf_calibtip.algorithms.bias_tuning.put_back import HeldOutChange, held_out_change, keep_tuned
 from nncf_calibtip.calibration.data import call_model, count_samples, to_device
 from nncf_calibtip.calibration.fp_reference import fp_reference, remember_fp_state
 from nncf_calibtip.quantized_layers import QuantizedLayer, find_quantized_layers
@@ -42,29 +43,6 @@ def per_sample_loss(
         return lambda q, t: 1 - F.cosine_similarity(q.flatten(1), t.flatten(1), dim=1)
     msg = f"Unknown loss {kind!r}."
     raise ValueError(msg)
-
-
-#: A held-out change counts when it exceeds this many standard errors of the paired per-sample
-#: change. ~100 held-out samples measure the KL change to about +-0.06 on the EfficientNet sample,
-#: as much as bias tuning's usual effect after AdaQuant; a diverging run rises far beyond it.
-SIGNIFICANT_STDERR = 2.0
-
-
-def keep_tuned(before: torch.Tensor, after: torch.Tensor, rule: PutBackRule) -> tuple[bool, float]:
-    """Whether to keep the tuned biases given the per-sample held-out losses ``before`` and
-    ``after`` tuning, under ``rule`` (see :class:`BiasTuningConfig`), and the standard error of
-    the mean change."""
-    change = (after - before).double()
-    if not torch.isfinite(change).all():
-        return False, float("nan")  # whatever the rule: NaN or infinite outputs are no model
-    n = change.numel()
-    stderr = float(change.std() / n**0.5) if n > 1 else 0.0
-    mean = float(change.mean())
-    if rule == "unless_better":
-        return mean < -SIGNIFICANT_STDERR * stderr, stderr
-    if rule == "if_worse":
-        return mean <= SIGNIFICANT_STDERR * stderr, stderr
-    return True, stderr
 
 
 class _Samples:
@@ -231,7 +209,11 @@ class PTBiasTuningBackend(BiasTuningBackend):
                 if layer.is_last and layer.input_quantizer is not None:
                     compat.put_zero_on_grid(layer.input_quantizer)  # else OpenVINO rounds differently
         after = held_out_losses()
-        kept, stderr = keep_tuned(before, after, config.put_back) if n_hold else (True, 0.0)
+        if n_hold:
+            change = held_out_change(before.double().numpy(), after.double().numpy())
+            kept = keep_tuned(change, config.put_back)
+        else:
+            change, kept = HeldOutChange(0.0, 0.0, 1.0, 0, 0), True
         if not kept:
             with torch.no_grad():
                 for t, s in zip(tensors, saved, strict=True):
@@ -246,5 +228,7 @@ class PTBiasTuningBackend(BiasTuningBackend):
             loss_after=tuned if kept else float(before.mean()),
             kept=kept,
             loss_tuned=tuned,
-            change_stderr=stderr,
+            change_stderr=change.stderr,
+            change_p_lower=change.p_lower,
+            held_out_lower=change.lower,
         )

@@ -8,7 +8,8 @@ from torch import nn
 
 import nncf_calibtip as nc
 from nncf_calibtip import compat
-from nncf_calibtip.algorithms.bias_tuning.torch_backend import keep_tuned
+from nncf_calibtip.algorithms.bias_tuning import torch_backend as bias_tuning_backend
+from nncf_calibtip.algorithms.bias_tuning.put_back import held_out_change, keep_tuned
 from tests.conftest import TinyNet, make_images
 
 W4A4 = nc.PrecisionConfig(4, 4, keep_first_last_8bit=False)
@@ -49,15 +50,33 @@ def test_put_back_rules_judge_the_held_out_change_against_its_noise():
         "never": {"slightly lower", "much lower", "slightly higher", "much higher"},
     }
     for rule, keeps in expected.items():
-        kept = {name for name, after in cases.items() if keep_tuned(before, after, rule)[0]}
+        kept = {name for name, after in cases.items() if keep_tuned(held_out_change(before, after), rule)}
         assert kept == keeps, rule
 
 
-def test_tuning_within_its_noise_is_put_back_by_default(tiny_model, calib_dataset):
+def test_most_samples_closer_counts_although_a_few_hide_it_in_the_mean():
+    g = torch.Generator().manual_seed(1)
+    before = torch.rand(100, generator=g).double() + 0.5
+    after = before * 0.8  # every sample 20% closer ...
+    after[:4] += 12.0  # ... but four far worse: the mean rises, though within its noise
+    change = held_out_change(before, after)
+    assert change.mean > 0 and not change.mean_higher and change.lower == 96 and change.p_lower < 1e-6
+    assert keep_tuned(change, "unless_better")
+    after[:10] += 100.0  # ten far worse: the mean rises beyond its noise, put back whatever the ranks say
+    change = held_out_change(before, after)
+    assert change.mean_higher and change.p_lower < 1e-6
+    assert not keep_tuned(change, "unless_better") and not keep_tuned(change, "if_worse")
+    # Nothing changed: not better.
+    assert not keep_tuned(held_out_change(before, before), "unless_better")
+
+
+def test_put_back_restores_the_biases_and_reports_both_losses(tiny_model, calib_dataset, monkeypatch):
     rtn = nc.quantize(tiny_model, calib_dataset, precision=W4A4)
-    # Two steps at a tiny rate cannot move the held-out loss beyond its noise.
     cfg = nc.BiasTuningConfig(steps=2, lr=1e-4)
+    # The decision itself is tested above; here the model and the report must follow it.
+    monkeypatch.setattr(bias_tuning_backend, "keep_tuned", lambda change, rule: False)
     same = nc.quantize(tiny_model, calib_dataset, cfg, precision=W4A4)
+    monkeypatch.undo()
     report = nc.get_result(same).reports["bias_tuning"][0]
     assert not report["kept"] and report["loss_after"] == report["loss_before"] != report["loss_tuned"]
     a = dict(rtn.named_parameters())
