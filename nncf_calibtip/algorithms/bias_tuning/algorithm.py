@@ -19,7 +19,7 @@ def _put_back_reason(report: BiasTuningReport, cfg: BiasTuningConfig) -> str:
     if not math.isfinite(report.change_stderr):
         return "non-finite held-out loss"
     if cfg.put_back == "unless_better":
-        return "neither the mean lower by more than two standard errors nor the samples lower by the signed-rank test"
+        return "no measurable fall (mean within two standard errors, signed-rank p >= 0.05)"
     return "higher by more than two standard errors"
 
 
