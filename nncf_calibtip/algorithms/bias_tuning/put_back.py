@@ -30,14 +30,12 @@ class HeldOutChange:
     :param p_lower: One-sided p-value of the Wilcoxon signed-rank test that the changes lean
         negative (1 when no sample changed).
     :param lower: Samples whose loss fell.
-    :param samples: Held-out samples compared.
     """
 
     mean: float
     stderr: float
     p_lower: float
     lower: int
-    samples: int
 
     @property
     def finite(self) -> bool:
@@ -64,12 +62,12 @@ def held_out_change(before: np.ndarray, after: np.ndarray) -> HeldOutChange:
     change = np.asarray(after, np.float64) - np.asarray(before, np.float64)
     n = change.size
     if not np.isfinite(change).all():
-        return HeldOutChange(math.nan, math.nan, 1.0, 0, n)
+        return HeldOutChange(math.nan, math.nan, 1.0, 0)
     stderr = float(change.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     p_lower = 1.0
     if np.count_nonzero(change) > 0:
         p_lower = float(stats.wilcoxon(change, alternative="less").pvalue)
-    return HeldOutChange(float(change.mean()), stderr, p_lower, int((change < 0).sum()), n)
+    return HeldOutChange(float(change.mean()), stderr, p_lower, int((change < 0).sum()))
 
 
 def keep_tuned(change: HeldOutChange, rule: PutBackRule) -> bool:

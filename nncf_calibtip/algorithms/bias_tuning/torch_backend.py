@@ -210,10 +210,10 @@ class PTBiasTuningBackend(BiasTuningBackend):
                     compat.put_zero_on_grid(layer.input_quantizer)  # else OpenVINO rounds differently
         after = held_out_losses()
         if n_hold:
-            change = held_out_change(before.double().numpy(), after.double().numpy())
+            change = held_out_change(before.double().numpy(), after.double().numpy())  # numpy has no bfloat16
             kept = keep_tuned(change, config.put_back)
         else:
-            change, kept = HeldOutChange(0.0, 0.0, 1.0, 0, 0), True
+            change, kept = HeldOutChange(0.0, 0.0, 1.0, 0), True
         if not kept:
             with torch.no_grad():
                 for t, s in zip(tensors, saved, strict=True):
