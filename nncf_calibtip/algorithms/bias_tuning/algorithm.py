@@ -12,14 +12,16 @@ from nncf_calibtip import compat
 from nncf_calibtip.algorithms.base import StreamingAlgorithm
 from nncf_calibtip.algorithms.bias_tuning.backend import BiasTuningBackend, BiasTuningReport
 from nncf_calibtip.algorithms.bias_tuning.config import BiasTuningConfig
+from nncf_calibtip.algorithms.bias_tuning.put_back import SIGNIFICANT_P
 from nncf_calibtip.calibration.data import count_samples, inference_items, resolve_device
 
 
 def _put_back_reason(report: BiasTuningReport, cfg: BiasTuningConfig) -> str:
     if not math.isfinite(report.change_stderr):
         return "non-finite held-out loss"
-    if cfg.put_back == "unless_better":
-        return "no measurable fall (mean within two standard errors, signed-rank p >= 0.05)"
+    if cfg.put_back == "unless_better" and report.change_p_lower >= SIGNIFICANT_P:
+        return f"no measurable fall (mean within two standard errors, signed-rank p >= {SIGNIFICANT_P})"
+    # "if_worse", or most samples fell but the mean rose beyond its noise
     return "higher by more than two standard errors"
 
 
